@@ -1,0 +1,167 @@
+"""Loading real Wan weights: a diffusers-format folder, and a causal generator checkpoint on top of it.
+
+Only safetensors or `torch.load(weights_only=True)`: a checkpoint is data, never code. Every way a path
+can be wrong ends in one `UserError` that names the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cli import UserError
+from ..progress import Progress
+
+FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+CHECKPOINT_NESTS = ("generator_ema", "generator", "model", "state_dict")
+WAN_TEXT_LEN = 512
+
+
+@dataclass
+class Components:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    text_len: int
+    source: str
+
+
+def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
+    progress = progress or Progress()
+    if model is None:
+        from . import default
+
+        progress("building the embedded default model (small Wan, seeded weights)")
+        transformer, vae, text_encoder, tokenizer = default.build_components()
+        comps = Components(transformer, vae, text_encoder, tokenizer, default.TEXT_LEN, "embedded default")
+    else:
+        comps = _load_folder(Path(model), dtype, progress)
+    if checkpoint is not None:
+        apply_checkpoint(comps.transformer, Path(checkpoint), progress)
+    progress(f"moving weights to {device}")
+    cast_keeping_fp32(comps.transformer, dtype).to(device)
+    comps.text_encoder.to(device=device, dtype=dtype)
+    comps.vae.to(device=device)
+    for m in (comps.transformer, comps.vae, comps.text_encoder):
+        m.eval().requires_grad_(False)
+    return comps
+
+
+def cast_keeping_fp32(model, dtype):
+    """Cast to dtype but keep the modules diffusers keeps in float32 (norms, time embedding, modulation)."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+    return model
+
+
+def _load_folder(root: Path, dtype, progress) -> Components:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    if not root.is_dir():
+        raise UserError(f"--model {root}: no such folder (expected a diffusers-format Wan 2.1 text-to-video "
+                        "folder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    missing = [p for p in ("model_index.json", *FOLDER_PARTS) if not (root / p).exists()]
+    if missing:
+        raise UserError(f"--model {root}: not a diffusers Wan folder, missing {', '.join(missing)} "
+                        f"(expected model_index.json and {', '.join(p + '/' for p in FOLDER_PARTS)})")
+    cfg_path = root / "transformer" / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {root}: cannot read {cfg_path}: {e}") from None
+    if cfg.get("_class_name") != "WanTransformer3DModel":
+        raise UserError(f"--model {root}: transformer is {cfg.get('_class_name')!r}, expected WanTransformer3DModel")
+    size = (f"{cfg.get('num_layers')} layers, {cfg.get('num_attention_heads')} heads x "
+            f"{cfg.get('attention_head_dim')}, ffn {cfg.get('ffn_dim')}")
+    try:
+        progress(f"loading transformer from {root / 'transformer'} ({size})")
+        transformer = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        progress("loading VAE")
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
+        progress("loading text encoder (umT5)")
+        text_encoder = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
+        progress("loading tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {root}: could not load: {first}") from None
+    text_len = min(WAN_TEXT_LEN, int(getattr(tokenizer, "model_max_length", WAN_TEXT_LEN) or WAN_TEXT_LEN))
+    return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root))
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors from a .safetensors or a .pt/.pth file, never executing code from it."""
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # any unreadable file: one line, no traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--checkpoint {path}: not a readable checkpoint (.safetensors, or .pt saved with "
+                        f"torch.save of tensors): {first}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"--checkpoint {path}: holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def unnest(obj: dict, path: Path) -> dict:
+    """The generator's weights: under generator_ema, generator or model, or at the top level."""
+    for key in CHECKPOINT_NESTS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"--checkpoint {path}: no weights found (expected tensors at the top level or under "
+                        f"one of {', '.join(CHECKPOINT_NESTS)}; found keys {', '.join(list(obj)[:6])})")
+    return tensors
+
+
+def to_diffusers_keys(state: dict) -> dict:
+    """Original Wan names (with Self-Forcing's 'model.' prefix) to diffusers names, via diffusers' converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    stripped = {}
+    for k, v in state.items():
+        for prefix in ("model.diffusion_model.", "_orig_mod.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        stripped[k] = v
+    if any(k.startswith("blocks.") and ".attn1." in k for k in stripped):
+        return stripped  # already diffusers names
+    return convert_wan_transformer_to_diffusers(stripped)
+
+
+def apply_checkpoint(transformer, path: Path, progress) -> None:
+    progress(f"reading checkpoint {path}")
+    state = to_diffusers_keys(unnest(read_state_dict(path), path))
+    expected = transformer.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"--checkpoint {path}: keys do not match the --model transformer: {'; '.join(parts)}. "
+                        "Expected a Wan 2.1 causal generator (Self-Forcing, CausVid, LongLive) of the same size")
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"--checkpoint {path}: {len(wrong)} tensors have the wrong shape (e.g. {k}: "
+                        f"{tuple(state[k].shape)} vs {tuple(expected[k].shape)}): a different model size?")
+    progress(f"applying {len(state)} tensors from the checkpoint")
+    transformer.load_state_dict(state, strict=True)

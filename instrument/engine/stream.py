@@ -1,0 +1,271 @@
+"""The public engine: load once, then stream video chunk by chunk, for ever.
+
+    engine = Engine.load()                        # the embedded default; or model="/path/Wan2.1-T2V-1.3B"
+    stream = engine.stream("a red circle", seed=1)
+    for chunk in stream:                          # chunk.frames: uint8 [n, H, W, 3] on the CPU
+        ...
+
+Generation follows the Self-Forcing family: each chunk of latent frames starts from noise and is denoised
+in a few steps (default 1000, 750, 500, 250 warped with shift 5), predicting x0 and re-noising to the
+next level between steps; the clean chunk then runs once more at t = 0 to write its keys and values into
+the cache that later chunks attend to. The cache keeps a sink of the first frames and a rolling window of
+the latest, so memory stays flat however long the stream runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cli import UserError
+from ..params import ParamSpace, ParamSpec
+from ..progress import Progress
+from .dit import CONTEXT_STEP, KVCache, PromptContext, StreamingDiT, TokenGrid, rope_tables
+from .loading import Components, load_components
+from .text import EncodedPrompt, PromptEncoder
+
+SCHEDULE = (1000.0, 750.0, 500.0, 250.0)
+SHIFT = 5.0
+VAE_STRIDE = (4, 8, 8)
+
+
+def warp(t: float, shift: float = SHIFT) -> float:
+    """Flow-matching sigma of a timestep (0..1000) under a shift, as Wan's scheduler computes it."""
+    s = t / 1000.0
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    width: int
+    height: int
+    chunk: int = 3  # latent frames per chunk
+    sink: int = 3  # latent frames kept for ever at the start of the cache
+    window: int = 12  # latent frames of the rolling window, the current chunk included
+    schedule: tuple[float, ...] = SCHEDULE
+    shift: float = SHIFT
+
+    def validate(self, patch=(1, 2, 2)) -> None:
+        mult = VAE_STRIDE[1] * patch[1]
+        if self.width % mult or self.height % mult or self.width <= 0 or self.height <= 0:
+            raise UserError(f"--size {self.width}x{self.height}: width and height must be positive multiples "
+                            f"of {mult}")
+        if self.chunk not in (1, 2, 3, 4):
+            raise UserError(f"--chunk {self.chunk}: use 1 or 3 latent frames (2 and 4 work too)")
+        if self.window < self.chunk or self.window % self.chunk or self.sink % self.chunk:
+            raise UserError(f"cache window {self.window} and sink {self.sink} must be multiples of the chunk "
+                            f"size {self.chunk} (window >= chunk)")
+
+    @property
+    def sigmas(self) -> list[float]:
+        return [warp(t, self.shift) for t in self.schedule]
+
+
+@dataclass
+class Chunk:
+    index: int
+    first_frame: int  # absolute latent frame index of the chunk's first frame
+    latents: torch.Tensor  # clean latents [1, C, f, h, w]
+    frames: torch.Tensor  # uint8 [n, H, W, 3] on the CPU
+    computed_with: float | None = None  # arrival time of the earliest control change applied here
+    timings: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Weights, text encoder and decoder, loaded once; `stream()` makes as many streams as needed."""
+
+    def __init__(self, comps: Components, device, dtype, decoder: str = "wan", tiny_decoder: str | None = None,
+                 progress=None):
+        self.progress = progress or Progress()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.components = comps
+        self.dit = StreamingDiT(comps.transformer)
+        self.text = PromptEncoder(comps.tokenizer, comps.text_encoder, comps.text_len, self.device,
+                                  dtype=dtype)
+        self.params = ParamSpace()
+        self.params.declare(ParamSpec("prompt/blend", 0.0, 1.0, 0.0, "", "mix from prompt A (0) to prompt B (1)"))
+        self.decoder_kind = decoder
+        self.tiny_decoder_path = tiny_decoder
+        if decoder == "tiny":
+            self._tiny = self._load_tiny(tiny_decoder)
+        elif decoder != "wan":
+            raise UserError(f"--decoder {decoder}: expected wan or tiny")
+
+    @classmethod
+    def load(cls, model: str | None = None, checkpoint: str | None = None, device: str = "cpu", dtype=None,
+             decoder: str = "wan", tiny_decoder: str | None = None, progress=None) -> "Engine":
+        progress = progress or Progress()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to torch")
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        comps = load_components(model, checkpoint, device, dtype, progress)
+        engine = cls(comps, device, dtype, decoder, tiny_decoder, progress)
+        progress(f"ready: {comps.source} on {device} ({str(dtype).replace('torch.', '')})")
+        return engine
+
+    def _load_tiny(self, path):
+        if path is None:
+            raise UserError("--decoder tiny needs --tiny-decoder FILE (taew2_1.pth from madebyollin/taehv)")
+        from .taehv import TAEHVStreamingDecoder
+
+        decoder = TAEHVStreamingDecoder.from_file(path)
+        decoder.model.to(self.device)
+        return decoder
+
+    def make_decoder(self):
+        if self.decoder_kind == "tiny":
+            self._tiny.reset()
+            return self._tiny
+        from .vae import WanStreamingDecoder
+
+        return WanStreamingDecoder(self.components.vae)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        if self.components.source == "embedded default":
+            from .default import SIZE
+
+            return SIZE
+        return (832, 480)
+
+    def stream(self, prompt: str = "", seed: int = 0, size: tuple[int, int] | None = None, chunk: int = 3,
+               sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float = SHIFT) -> "Stream":
+        w, h = size or self.default_size
+        settings = StreamSettings(w, h, chunk, sink, window, tuple(schedule), shift)
+        settings.validate(self.dit.patch)
+        return Stream(self, settings, prompt, seed)
+
+
+class Stream:
+    def __init__(self, engine: Engine, settings: StreamSettings, prompt: str, seed: int):
+        self.engine = engine
+        self.settings = settings
+        dit = engine.dit
+        cfg = engine.components.transformer.config
+        self.latent_shape = (1, cfg.in_channels, settings.chunk, settings.height // VAE_STRIDE[1],
+                             settings.width // VAE_STRIDE[2])
+        self.grid = TokenGrid(settings.chunk // dit.patch[0], self.latent_shape[3] // dit.patch[1],
+                              self.latent_shape[4] // dit.patch[2])
+        self.cache = KVCache(dit.layers, 1, dit.heads, dit.head_dim, self.grid.per_frame, settings.sink,
+                             settings.window, engine.device, engine.dtype)
+        # Clean latents of the frames the cache holds, in the same slots: a prompt switch re-encodes them.
+        self.latent_ring = torch.zeros(1, cfg.in_channels, self.cache.slots, *self.latent_shape[3:],
+                                       device=engine.device, dtype=engine.dtype)
+        self.prompts: list[EncodedPrompt | None] = [engine.text.encode(prompt), None]
+        self.context: PromptContext | None = None
+        self._context_key = None
+        self._recache = False
+        self.seed = seed
+        self.reset(seed)
+
+    # -- control between chunks -----------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> None:
+        """Start over from frame 0 (new seed if given)."""
+        if seed is not None:
+            self.seed = seed
+        self.generator = torch.Generator(self.engine.device).manual_seed(self.seed)
+        self.cache.reset()
+        self.latent_ring.zero_()
+        self.decoder = self.engine.make_decoder()
+        self.frame = 0
+        self.index = 0
+        self._recache = False
+
+    def set_prompt(self, text: str, slot: int = 0) -> EncodedPrompt:
+        """Prompt A (slot 0) or B (slot 1). Changing A re-encodes the cached window with the new prompt."""
+        encoded = self.engine.text.encode(text)
+        if self.prompts[slot] is None or self.prompts[slot].text != text:
+            self.prompts[slot] = encoded
+            if slot == 0 and self.frame > 0:
+                self._recache = True
+        return encoded
+
+    @property
+    def prompt(self) -> EncodedPrompt:
+        return self.prompts[0]
+
+    # -- generation -----------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Chunk:
+        return self.next()
+
+    @torch.no_grad()
+    def next(self) -> Chunk:
+        e = self.engine
+        t0 = time.perf_counter()
+        arrived = e.params.take_arrivals()
+        e.dit.bends.load_values(e.params, self.prompt)
+        self._update_context()
+        if self._recache:
+            self._recache_window()
+            self._recache = False
+
+        s = self.settings
+        first = self.frame
+        self.cache.place(first, s.chunk)
+        rope = rope_tables(self.grid, first, e.dit.head_dim, device=e.device)
+        sigmas = s.sigmas
+        x = self._noise()
+        x0 = x
+        for step, sigma in enumerate(sigmas):
+            t = torch.full((1,), sigma * 1000.0, device=e.device)
+            v = e.dit(x, t, self.context, self.cache, rope, step)
+            x0 = (x.float() - sigma * v.float()).to(e.dtype)
+            if step + 1 < len(sigmas):
+                nxt = sigmas[step + 1]
+                x = ((1.0 - nxt) * x0.float() + nxt * self._noise().float()).to(e.dtype)
+        # The clean pass: this chunk's keys and values at t = 0 become what later chunks attend to.
+        e.dit(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP)
+        for j in range(s.chunk):
+            self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
+        t1 = time.perf_counter()
+        frames = self.decoder.decode(x0.float() if e.device.type == "cpu" else x0)
+        frames = frames.to("cpu")
+        t2 = time.perf_counter()
+        self.frame += s.chunk
+        chunk = Chunk(self.index, first, x0, frames, arrived,
+                      {"dit_s": t1 - t0, "decode_s": t2 - t1, "chunk_s": t2 - t0})
+        self.index += 1
+        return chunk
+
+    def _noise(self) -> torch.Tensor:
+        return torch.randn(self.latent_shape, generator=self.generator, device=self.engine.device,
+                           dtype=torch.float32).to(self.engine.dtype)
+
+    def _update_context(self) -> None:
+        a, b = self.prompts
+        blend = self.engine.params.get("prompt/blend") if b is not None else 0.0
+        key = (a.text, None if b is None else b.text, blend)
+        if key == self._context_key:
+            return
+        emb = a.embeddings if b is None or blend == 0.0 else torch.lerp(a.embeddings, b.embeddings, blend)
+        new = self.engine.dit.prompt_context(emb)
+        if self.context is None:
+            self.context = new
+        else:  # same storage, so captured graphs keep reading the live prompt
+            for dst, src in zip(self.context.k + self.context.v, new.k + new.v):
+                dst.copy_(src)
+        self._context_key = key
+
+    def _recache_window(self) -> None:
+        """Re-encode the cached frames under the current prompt, oldest first (LongLive's prompt switch)."""
+        s, cache, e = self.settings, self.cache, self.engine
+        end = self.frame
+        frames = list(range(min(s.sink, end))) + list(range(max(s.sink, end - s.window), end))
+        allowed = torch.zeros(cache.slots * cache.tokens_per_frame, dtype=torch.bool, device=e.device)
+        tpf = cache.tokens_per_frame
+        for i in range(0, len(frames), s.chunk):
+            group = frames[i:i + s.chunk]
+            for f in group:
+                allowed[cache.slot_of(f) * tpf:(cache.slot_of(f) + 1) * tpf] = True
+            cache.place(group[0], len(group), key_mask=allowed.clone())
+            latents = torch.stack([self.latent_ring[:, :, cache.slot_of(f)] for f in group], dim=2)
+            rope = rope_tables(self.grid, group[0], e.dit.head_dim, device=e.device)
+            e.dit(latents, torch.zeros(1, device=e.device), self.context, cache, rope, CONTEXT_STEP)
+        cache.key_mask = None
