@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError  # noqa: F401  (re-exported: commands raise instrument.cli.UserError)
+
 COMMANDS = {
     "render": ("instrument.render", "render video headless to a file"),
     "check": ("instrument.bends.patch", "validate a patch file"),
@@ -14,9 +16,6 @@ COMMANDS = {
     "bench": ("instrument.bench", "measure speed on this machine"),
 }
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, wrong file); printed as one line, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 from .progress import Progress
 
 FPS = 16  # Wan's own frame rate

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..progress import Progress
 
 FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")

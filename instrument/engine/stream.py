@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..params import ParamSpace, ParamSpec
 from ..progress import Progress
 from .dit import CONTEXT_STEP, KVCache, PromptContext, StreamingDiT, TokenGrid, rope_tables

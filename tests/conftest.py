@@ -1,0 +1,23 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def need_tool(name: str) -> None:
+    """Skip when a tool is missing on a developer's machine; in CI (CI=true) a missing tool is a failure."""
+    if shutil.which(name) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} not installed")
+
+
+@pytest.fixture(scope="session")
+def default_folder(tmp_path_factory):
+    """The embedded default saved as a diffusers-format Wan folder (exercises the real loader)."""
+    from instrument.engine.default import save_folder
+
+    return save_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
