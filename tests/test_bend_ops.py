@@ -186,7 +186,8 @@ def test_integer_translate_border_and_reflection(rng):
         ref = torch.empty_like(x)
         for i in range(h):
             for j in range(w):
-                ref[:, i, j] = x[:, ref_sample_index(i + 1, h, pad), ref_sample_index(j - 2, w, pad)]
+                src_i, src_j = ref_sample_index(i + 1, h, pad), ref_sample_index(j - 2, w, pad)
+                ref[:, i, j] = x[:, src_i, src_j]
         close(got, ref, 1e-6)
 
 

@@ -131,7 +131,8 @@ def maps_to_tokens(m: Tensor) -> Tensor:
 
 
 def attn_to_maps(p: Tensor, frames: int, height: int, width: int) -> Tensor:
-    """Attention [B, heads, F*H*W, T] -> [B, heads, T, F, H, W]: each key token's map over queries."""
+    """Attention [B, heads, F*H*W, T] -> [B, heads, T, F, H, W]: each key token's map over
+    the query positions."""
     b, nh, nq, t = p.shape
     if nq != frames * height * width:
         raise ValueError(f"{nq} queries do not make a {frames}x{height}x{width} grid")

@@ -1,38 +1,63 @@
 """Where bends reach into the DiT: one method per site, called from instrument/engine/dit.py.
 
-With nothing armed at a site (the common case, decided when a patch is loaded, never by a knob) each
-method returns its input object untouched, so the unbent stream runs exactly diffusers' arithmetic.
+With nothing armed at a site (decided when a patch is loaded, never by a knob) each method returns its
+input untouched, so the unbent stream runs exactly diffusers' arithmetic. Probes (instrument/bends/probe.py)
+read the same sites and cost nothing when none is armed.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 
-class BendSites:
-    """The armed bends of the running patch, grouped by site."""
+def sdpa(q, k, v):
+    """Attention on diffusers' [B, N, heads, D] layout."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-    def __init__(self, bends=()):
+
+class BendSites:
+    """The armed bends (and probes) of the running patch, grouped by site."""
+
+    def __init__(self, bends=(), probes=()):
         self.bends = list(bends)
+        self.probes = list(probes)
         self.by_site: dict[str, list] = {}
         for b in self.bends:
             self.by_site.setdefault(b.site, []).append(b)
+        self.probe_at: dict[str, list] = {}
+        for p in self.probes:
+            self.probe_at.setdefault(p.site, []).append(p)
 
     @classmethod
     def empty(cls) -> "BendSites":
         return cls(())
 
-    def load_values(self, params, prompt) -> None:
+    def load_values(self, params, prompt, grid) -> None:
         """Copy the live values (and the prompt's token positions) into the bends' device tensors."""
         for b in self.bends:
-            b.load_values(params, prompt)
+            b.load_values(params, prompt, grid)
+        for p in self.probes:
+            p.load_values(prompt, grid)
+
+    def take_bad(self) -> dict[str, float]:
+        """Non-finite values caught per bend since the last call (reads the device: call after a chunk)."""
+        out = {}
+        for b in self.bends:
+            n = float(b.bad)
+            if n:
+                out[b.name] = n
+                b.bad.zero_()
+        return out
 
     def _apply(self, site, layer, step, x, *extra):
         for b in self.by_site.get(site, ()):
             x = b.apply(layer, step, x, *extra)
+        for p in self.probe_at.get(site, ()):
+            p.record(layer, step, x, *extra)
         return x
 
-    # self-attention
+    # -- self-attention -------------------------------------------------------------------------
     def self_query(self, layer, step, q):
         return self._apply("self.query", layer, step, q)
 
@@ -42,21 +67,38 @@ class BendSites:
     def self_out(self, layer, step, out, grid):
         return self._apply("self.out", layer, step, out, grid)
 
-    # cross-attention
+    # -- cross-attention ------------------------------------------------------------------------
     def cross_attention(self, layer, step, q, k, v, grid):
         bends = self.by_site.get("cross", ())
+        probes = self.probe_at.get("cross", ())
+        plain = sdpa(q, k, v)
+        if not bends and not probes:
+            return plain
+        # Token bends need the probabilities themselves, so armed layers take the explicit path; where
+        # every bend's gate is 0 the fused result is kept, so mix 0 stays bit-identical.
+        scale = q.shape[-1] ** -0.5
+        logits = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()) * scale
+        p = logits.softmax(dim=-1)
+        for pr in probes:
+            pr.record(layer, step, p, grid)
         if not bends:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return out.transpose(1, 2)
-        raise NotImplementedError
+            return plain
+        v2 = v
+        for b in bends:
+            v2 = b.bend_values(layer, step, v2)
+        for b in bends:
+            p = b.bend_probs(layer, step, p, grid)
+        out = torch.einsum("bhnt,bthd->bnhd", p.to(v2.dtype), v2)
+        active = torch.stack([b.active(layer, step) for b in bends]).any()
+        return torch.where(active, out.to(plain.dtype), plain)
 
-    # feed-forward
+    # -- feed-forward ---------------------------------------------------------------------------
     def ffn_hidden(self, layer, step, h):
         return self._apply("ffn.hidden", layer, step, h)
 
     def ffn_out(self, layer, step, f, grid):
         return self._apply("ffn.out", layer, step, f, grid)
 
-    # residual stream
+    # -- residual stream ------------------------------------------------------------------------
     def hidden(self, layer, step, x, grid):
         return self._apply("hidden", layer, step, x, grid)

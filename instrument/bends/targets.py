@@ -72,7 +72,8 @@ def _term(term: str, n: int, what: str, activations: Tensor | None) -> list[int]
         if a > n or b > n:
             raise TargetError(f"{what} slice {a}:{b} out of range 0:{n} (the end is excluded)")
         if a >= b:
-            raise TargetError(f"{what} slice {a}:{b} is empty (the end is excluded: try {a}:{a + 1})")
+            raise TargetError(f"{what} slice {a}:{b} is empty "
+                              f"(the end is excluded: try {a}:{a + 1})")
         return list(range(a, b, step))
     m = _RANDOM.match(t)
     if m:

@@ -71,6 +71,7 @@ class Chunk:
     frames: torch.Tensor  # uint8 [n, H, W, 3] on the CPU
     computed_with: float | None = None  # arrival time of the earliest control change applied here
     timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # NaN guard reports, for the HUD
 
 
 class Engine:
@@ -124,6 +125,24 @@ class Engine:
 
         return WanStreamingDecoder(self.components.vae)
 
+    def set_bends(self, sites) -> float:
+        """Arm a new set of bends (a structural change, between patches); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.params.remove_prefix("bend/")
+        for b in sites.bends:
+            for spec in b.specs():
+                self.params.declare(spec)
+        self.dit.bends = sites
+        return time.perf_counter() - t0
+
+    @property
+    def dims(self):
+        from ..bends.bend import Dims
+
+        cfg = self.components.transformer.config
+        return Dims(cfg.num_layers, cfg.num_attention_heads, cfg.num_attention_heads * cfg.attention_head_dim,
+                    cfg.ffn_dim, self.components.text_len, len(SCHEDULE))
+
     @property
     def default_size(self) -> tuple[int, int]:
         if self.components.source == "embedded default":
@@ -155,6 +174,7 @@ class Stream:
         # Clean latents of the frames the cache holds, in the same slots: a prompt switch re-encodes them.
         self.latent_ring = torch.zeros(1, cfg.in_channels, self.cache.slots, *self.latent_shape[3:],
                                        device=engine.device, dtype=engine.dtype)
+        self.warnings: list[str] = []
         self.prompts: list[EncodedPrompt | None] = [engine.text.encode(prompt), None]
         self.context: PromptContext | None = None
         self._context_key = None
@@ -200,7 +220,7 @@ class Stream:
         e = self.engine
         t0 = time.perf_counter()
         arrived = e.params.take_arrivals()
-        e.dit.bends.load_values(e.params, self.prompt)
+        e.dit.bends.load_values(e.params, self.prompt, self.grid)
         self._update_context()
         if self._recache:
             self._recache_window()
@@ -224,15 +244,30 @@ class Stream:
         e.dit(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP)
         for j in range(s.chunk):
             self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
+        x0 = self._recover_if_broken(x0)
         t1 = time.perf_counter()
         frames = self.decoder.decode(x0.float() if e.device.type == "cpu" else x0)
         frames = frames.to("cpu")
         t2 = time.perf_counter()
         self.frame += s.chunk
         chunk = Chunk(self.index, first, x0, frames, arrived,
-                      {"dit_s": t1 - t0, "decode_s": t2 - t1, "chunk_s": t2 - t0})
+                      {"dit_s": t1 - t0, "decode_s": t2 - t1, "chunk_s": t2 - t0}, list(self.warnings))
         self.index += 1
         return chunk
+
+    def _recover_if_broken(self, x0: torch.Tensor) -> torch.Tensor:
+        """A bend that blew up past its guards must not poison the stream: report, repair, re-cache."""
+        caught = self.engine.dit.bends.take_bad()
+        self.warnings = [f"NaN guard: bend '{name}' produced {int(n)} non-finite values (zeroed)"
+                         for name, n in caught.items()]
+        if bool(torch.isfinite(x0).all()):
+            return x0
+        self.warnings.append("NaN guard: the chunk went non-finite; repaired and the cache rebuilt")
+        x0 = torch.nan_to_num(x0, nan=0.0, posinf=0.0, neginf=0.0)
+        for j in range(self.settings.chunk):
+            self.latent_ring[:, :, self.cache.slot_of(self.frame + j)] = x0[:, :, j]
+        self._recache_window(end=self.frame + self.settings.chunk)
+        return x0
 
     def _noise(self) -> torch.Tensor:
         return torch.randn(self.latent_shape, generator=self.generator, device=self.engine.device,
@@ -253,10 +288,10 @@ class Stream:
                 dst.copy_(src)
         self._context_key = key
 
-    def _recache_window(self) -> None:
+    def _recache_window(self, end: int | None = None) -> None:
         """Re-encode the cached frames under the current prompt, oldest first (LongLive's prompt switch)."""
         s, cache, e = self.settings, self.cache, self.engine
-        end = self.frame
+        end = self.frame if end is None else end
         frames = list(range(min(s.sink, end))) + list(range(max(s.sink, end - s.window), end))
         allowed = torch.zeros(cache.slots * cache.tokens_per_frame, dtype=torch.bool, device=e.device)
         tpf = cache.tokens_per_frame
