@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from ..params import ParamSpec
@@ -47,6 +49,7 @@ class Dims:
     steps: int = 4
 
 
+MAX_FRAMES = 16  # latent frames in a chunk, at most
 MIX = Knob("mix", 0.0, 1.0, 1.0, "", "0 leaves the stream exactly as unbent, 1 is the full bend")
 GEOMETRY = (
     Knob("scale", 0.25, 4.0, 1.0, "x", "zoom about the centre (>1 zooms in)"),
@@ -94,9 +97,10 @@ class Bend:
             for j, name in enumerate(("x0", "y0", "x1", "y1")):
                 self.values[self._index(name)] = float(box[j])
         self._host = self.values.cpu().pin_memory() if self.device.type == "cuda" else self.values.clone()
-        self.layer_w = target_weights(spec.get("layers", "all"), dims.layers, what="layer", device=self.device)
+        self.layer_w = target_weights(layer_spec(spec.get("layers", "all"), dims.layers), dims.layers, what="layer",
+                                      device=self.device)
         self.step_w = step_weights(spec.get("steps", "all"), dims.steps, self.device)
-        self.frames_spec = spec.get("frames", "all")
+        self.frame_all = target_weights(spec.get("frames", "all"), MAX_FRAMES, what="frame")
         self.frame_w: Tensor | None = None  # sized when the stream's grid is known
         self.unit_spec = spec.get(self.units, "all") if self.units else None
         self.unit_w = None
@@ -131,7 +135,8 @@ class Bend:
         if self.units == "tokens":
             self._load_tokens(prompt)
         if self.spatial and (self.frame_w is None or self.frame_w.numel() != grid.frames):
-            self.frame_w = target_weights(self.frames_spec, grid.frames, what="frame", device=self.device)
+            # Frames past the chunk's length target nothing (a 1-frame chunk has only frame 0).
+            self.frame_w = self.frame_all[: grid.frames].to(self.device)
 
     def _load_tokens(self, prompt) -> None:
         key = (prompt.text, prompt.length)
@@ -166,6 +171,26 @@ class Bend:
 
     def apply(self, layer, step, x, *extra):
         raise NotImplementedError
+
+
+LAYER_WORDS = ("early", "middle", "late")
+
+
+def layer_spec(spec, layers: int):
+    """Layer specs may name thirds of the model ('early', 'middle', 'late'), so one patch plays on the
+    embedded model, Wan 1.3B (30 layers) and 14B (40) alike."""
+    terms = spec if isinstance(spec, (list, tuple)) else [spec]
+    out = []
+    for term in terms:
+        for t in (term.split(",") if isinstance(term, str) else [term]):
+            word = t.strip().lower() if isinstance(t, str) else None
+            if word in LAYER_WORDS:
+                third = LAYER_WORDS.index(word)
+                lo, hi = math.floor(layers * third / 3), math.ceil(layers * (third + 1) / 3)
+                out.append(f"{lo}-{max(lo, hi - 1)}")
+            else:
+                out.append(t)
+    return out
 
 
 def step_weights(spec, steps: int, device) -> Tensor:

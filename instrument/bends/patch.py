@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .bend import OPS, Bend, Dims, allowed_keys, step_weights
+from .bend import MAX_FRAMES, OPS, Bend, Dims, allowed_keys, layer_spec, step_weights
 from .targets import TargetError, parse_box, parse_indices
 
 TOP_KEYS = {"name", "description", "prompt", "prompt_b", "blend", "seed", "bend", "mapping", "modulator",
@@ -158,7 +158,7 @@ def _check_bend(i: int, b: dict, names: set, find, dims: Dims | None) -> list[Pa
         for key, n, what in checks:
             if key in b:
                 try:
-                    parse_indices(b[key], n, what=what)
+                    parse_indices(layer_spec(b[key], n) if key == "layers" else b[key], n, what=what)
                 except TargetError as e:
                     out.append(PatchProblem(find(key, i), f"bend '{name}': {e}"))
     if "steps" in b:
@@ -173,7 +173,7 @@ def _check_bend(i: int, b: dict, names: set, find, dims: Dims | None) -> list[Pa
             out.append(PatchProblem(find("region", i), f"bend '{name}': {e}"))
     if "frames" in b:
         try:
-            parse_indices(b["frames"], 64, what="frame")
+            parse_indices(b["frames"], MAX_FRAMES, what="frame")
         except TargetError as e:
             out.append(PatchProblem(find("frames", i), f"bend '{name}': {e}"))
     return out

@@ -77,7 +77,8 @@ class BendSites:
         # Token bends need the probabilities themselves, so armed layers take the explicit path; where
         # every bend's gate is 0 the fused result is kept, so mix 0 stays bit-identical.
         scale = q.shape[-1] ** -0.5
-        logits = torch.einsum("bnhd,bthd->bhnt", q.float(), k.float()) * scale
+        work = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32, even from bf16
+        logits = torch.einsum("bnhd,bthd->bhnt", q.to(work), k.to(work)) * scale
         p = logits.softmax(dim=-1)
         for pr in probes:
             pr.record(layer, step, p, grid)

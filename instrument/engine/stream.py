@@ -266,7 +266,15 @@ class Stream:
         x0 = torch.nan_to_num(x0, nan=0.0, posinf=0.0, neginf=0.0)
         for j in range(self.settings.chunk):
             self.latent_ring[:, :, self.cache.slot_of(self.frame + j)] = x0[:, :, j]
-        self._recache_window(end=self.frame + self.settings.chunk)
+        # Rebuild the cache from the (finite) latents with the bends out of the way: whatever blew up
+        # must not live on in what every later chunk attends to.
+        from ..bends.sites import BendSites
+
+        armed, self.engine.dit.bends = self.engine.dit.bends, BendSites.empty()
+        try:
+            self._recache_window(end=self.frame + self.settings.chunk)
+        finally:
+            self.engine.dit.bends = armed
         return x0
 
     def _noise(self) -> torch.Tensor:

@@ -1,0 +1,385 @@
+"""The bend engine in the stream: identity at mix 0, exact targeting, references, live data, NaN guard."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from instrument.bends import bend as B
+from instrument.bends.patch import PatchError, apply_patch, parse_patch
+from instrument.bends.sites import BendSites
+from instrument.engine.dit import TokenGrid
+from test_engine import tiny_engine, tiny_transformer
+
+PROMPT = "a red fox and a blue circle"
+
+ALL_OPS = """
+[[bend]]
+name = "t"
+op = "self.temperature"
+temperature = 0.4
+[[bend]]
+name = "g"
+op = "self.gain"
+heads = "1"
+gain = 2.5
+[[bend]]
+name = "a"
+op = "self.ablate"
+heads = "0"
+[[bend]]
+name = "x"
+op = "self.transform"
+degrees = 40
+blur = 1.0
+region = "left"
+[[bend]]
+name = "cg"
+op = "cross.gain"
+tokens = "fox"
+gain = 5
+[[bend]]
+name = "cm"
+op = "cross.map"
+tokens = "red, circle"
+scale = 2
+dx = 0.3
+sharpen = 1
+[[bend]]
+name = "cs"
+op = "cross.swap"
+tokens = "fox"
+with = "circle"
+[[bend]]
+name = "fg"
+op = "ffn.gain"
+neurons = "0-40"
+gain = -2
+[[bend]]
+name = "fo"
+op = "ffn.offset"
+neurons = "random 0.3 seed 2"
+[[bend]]
+name = "fi"
+op = "ffn.invert"
+[[bend]]
+name = "fa"
+op = "ffn.ablate"
+neurons = "50-60"
+[[bend]]
+name = "ft"
+op = "ffn.threshold"
+[[bend]]
+name = "fn"
+op = "ffn.noise"
+amount = 2
+[[bend]]
+name = "fs"
+op = "ffn.scale"
+scale = 3
+frames = "0"
+[[bend]]
+name = "ha"
+op = "hidden.ablate"
+channels = "0-9"
+[[bend]]
+name = "hi"
+op = "hidden.invert"
+channels = "10-19"
+[[bend]]
+name = "hs"
+op = "hidden.scale"
+factor = -1.5
+[[bend]]
+name = "ht"
+op = "hidden.threshold"
+channels = "20-29"
+[[bend]]
+name = "hw"
+op = "hidden.warp"
+dx = 0.25
+flip_v = 1
+[[bend]]
+name = "he"
+op = "hidden.erode"
+channels = "30-39"
+[[bend]]
+name = "hd"
+op = "hidden.dilate"
+channels = "40-47"
+"""
+
+
+def run(engine, kw, chunks=3, patch=None, seed=3, setup=None):
+    if patch is not None:
+        apply_patch(engine, parse_patch(patch, dims=engine.dims))
+    else:
+        engine.set_bends(BendSites.empty())
+    if setup:
+        setup(engine)
+    s = engine.stream(PROMPT, seed=seed, **kw)
+    return [s.next() for _ in range(chunks)]
+
+
+@pytest.fixture(scope="module")
+def rig():
+    engine, kw = tiny_engine(tiny_transformer(8), chunk=1, sink=1, window=2, size=(64, 48))
+    unbent = run(engine, kw)
+    return engine, kw, unbent
+
+
+def same(a, b):
+    return all(torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames) for x, y in zip(a, b))
+
+
+def test_every_op_changes_the_picture_and_mix_0_is_bit_identical(rig):
+    engine, kw, unbent = rig
+    bent = run(engine, kw, patch=ALL_OPS)
+    assert not same(bent, unbent)
+    names = [b.name for b in engine.dit.bends.bends]
+
+    def zero_mix(e):
+        for n in names:
+            e.params.set(f"bend/{n}/mix", 0.0)
+
+    assert same(run(engine, kw, patch=ALL_OPS, setup=zero_mix), unbent)
+
+
+@pytest.mark.parametrize("op,knobs", [
+    ("self.temperature", "temperature = 1.0"), ("self.gain", "gain = 1.0"), ("self.transform", ""),
+    ("cross.gain", 'tokens = "fox"\ngain = 1.0'), ("cross.map", 'tokens = "fox"'),
+    ("cross.swap", 'tokens = "fox"\nwith = "circle"\namount = 0.0'), ("ffn.gain", "gain = 1.0"),
+    ("ffn.offset", "offset = 0.0"), ("ffn.noise", "amount = 0.0"), ("ffn.scale", "scale = 1.0"),
+    ("hidden.scale", "factor = 1.0"), ("hidden.warp", ""),
+])
+def test_neutral_knobs_are_bit_identical(rig, op, knobs):
+    engine, kw, unbent = rig
+    patch = f'[[bend]]\nname = "n"\nop = "{op}"\n{knobs}\n'
+    assert same(run(engine, kw, patch=patch), unbent)
+
+
+def test_each_op_alone_changes_the_stream(rig):
+    engine, kw, unbent = rig
+    for entry in ALL_OPS.split("[[bend]]")[1:]:
+        out = run(engine, kw, chunks=2, patch="[[bend]]" + entry)
+        assert not same(out, unbent[:2]), entry
+
+
+def test_layer_step_targets_touch_only_their_targets(rig):
+    """A bend on layer 2 at step 1 leaves every activation before it bit-identical."""
+    engine, kw, _ = rig
+    seen = {}
+
+    def record(tag):
+        original = engine.dit.block
+
+        def block(i, blk, x, e6, prompt, cache, rope, step, grid):
+            out = original(i, blk, x, e6, prompt, cache, rope, step, grid)
+            seen.setdefault(tag, []).append((i, step, out.clone()))
+            return out
+
+        engine.dit.block = block
+        return original
+
+    orig = record("plain")
+    run(engine, kw, chunks=1)
+    engine.dit.block = orig
+    record("bent")
+    run(engine, kw, chunks=1, patch='[[bend]]\nname="s"\nop="hidden.scale"\nlayers="1"\nsteps="1"\nfactor=3\n')
+    engine.dit.block = orig
+    first_diff = None
+    for (i, step, a), (_, _, b) in zip(seen["plain"], seen["bent"]):
+        if not torch.equal(a, b):
+            first_diff = (step, i)
+            break
+    assert first_diff == (1, 1)
+
+
+def test_units_touch_exactly_their_targets():
+    dims = B.Dims(layers=4, heads=3, dim=12, ffn=10, text_len=16)
+    grid = TokenGrid(2, 2, 3)
+
+    class P:
+        text, length = "red fox red", 4
+
+        @staticmethod
+        def positions(word):
+            return {"red": [0, 2], "fox": [1]}.get(word, [])
+
+    from instrument.params import ParamSpace
+
+    # FFN neurons 2 and 7, layer 1 only, step 2 only
+    b = B.FfnGain("n", {"neurons": [2, 7], "layers": "1", "steps": "2", "gain": 3.0}, dims, "cpu")
+    b.load_values(ParamSpace(), P, grid)
+    h = torch.randn(1, grid.tokens, 10, dtype=torch.float64)
+    out = b.apply(1, 2, h)
+    ref = h.clone()
+    ref[..., [2, 7]] *= 3
+    assert torch.equal(out, ref)
+    assert torch.equal(b.apply(0, 2, h), h) and torch.equal(b.apply(1, 1, h), h) and torch.equal(b.apply(1, -1, h), h)
+    # heads
+    g = B.SelfGain("g", {"heads": "2", "gain": 0.5}, dims, "cpu")
+    g.load_values(ParamSpace(), P, grid)
+    o = torch.randn(1, grid.tokens, 3, 4)
+    r = o.clone()
+    r[:, :, 2] *= 0.5
+    assert torch.equal(g.apply(0, 0, o, grid), r)
+    # tokens by word follow the prompt
+    c = B.CrossGain("c", {"tokens": "red", "gain": 4.0, "renormalise": False}, dims, "cpu")
+    c.load_values(ParamSpace(), P, grid)
+    assert c.unit_w.tolist()[:4] == [1, 0, 1, 0]
+    p = torch.rand(1, 3, grid.tokens, 16, dtype=torch.float64)
+    out = c.bend_probs(0, 0, p, grid)
+    ref = p.clone()
+    ref[..., [0, 2]] *= 4
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # channels and frames (with a region)
+    hb = B.HiddenAblate("h", {"channels": "3-4", "frames": "1"}, dims, "cpu")
+    hb.load_values(ParamSpace(), P, grid)
+    x = torch.randn(1, grid.tokens, 12)
+    y = hb.apply(0, 0, x, grid).view(1, 2, 2, 3, 12)
+    xv = x.view(1, 2, 2, 3, 12)
+    assert torch.equal(y[:, 0], xv[:, 0])
+    assert torch.equal(y[:, 1, ..., :3], xv[:, 1, ..., :3]) and torch.equal(y[:, 1, ..., 5:], xv[:, 1, ..., 5:])
+    assert torch.all(y[:, 1, ..., 3:5] == 0)
+
+
+def test_temperature_and_cross_gain_against_float64_attention():
+    torch.manual_seed(0)
+    dims = B.Dims(layers=1, heads=2, dim=8, ffn=4, text_len=6)
+    grid = TokenGrid(1, 2, 2)
+    from instrument.params import ParamSpace
+
+    q = torch.randn(1, 4, 2, 4, dtype=torch.float64)
+    k = torch.randn(1, 9, 2, 4, dtype=torch.float64)
+    v = torch.randn(1, 9, 2, 4, dtype=torch.float64)
+    t = B.SelfTemperature("t", {"heads": "1", "temperature": 0.5, "mix": 0.5}, dims, "cpu")
+    t.load_values(ParamSpace(), None, grid)
+    qb = t.apply(0, 0, q)
+    factor = 1 + 0.5 * (1 / 0.5 - 1)  # mix 0.5 of the logit scale 1/T
+    logits = torch.einsum("nhd,mhd->hnm", q[0], k[0]) / 2.0
+    logits[1] *= factor
+    ref = torch.einsum("hnm,mhd->nhd", logits.softmax(-1), v[0])
+    out = torch.nn.functional.scaled_dot_product_attention(qb.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(out.transpose(1, 2)[0], ref, rtol=1e-10, atol=1e-10)
+
+    class P:
+        text, length = "a b", 3
+
+        @staticmethod
+        def positions(word):
+            return [1] if word == "b" else []
+
+    c = B.CrossGain("c", {"tokens": "b", "gain": 3.0}, dims, "cpu")
+    c.load_values(ParamSpace(), P, grid)
+    sites = BendSites([c])
+    kt, vt = torch.randn(1, 6, 2, 4, dtype=torch.float64), torch.randn(1, 6, 2, 4, dtype=torch.float64)
+    out = sites.cross_attention(0, 0, q, kt, vt, grid)
+    p = torch.einsum("nhd,thd->hnt", q[0], kt[0]).div(2.0).softmax(-1)
+    p[..., 1] *= 3
+    p = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(out[0], torch.einsum("hnt,thd->nhd", p, vt[0]), rtol=1e-10, atol=1e-10)
+
+
+def test_token_targets_by_word_follow_a_prompt_change(rig):
+    engine, kw, _ = rig
+    apply_patch(engine, parse_patch('[[bend]]\nname="c"\nop="cross.gain"\ntokens="circle"\ngain=4\n', dims=engine.dims))
+    s = engine.stream("a blue circle", seed=1, **kw)
+    s.next()
+    b = engine.dit.bends.bends[0]
+    assert b.unit_w.nonzero().flatten().tolist() == s.prompt.positions("circle") == [2]
+    s.set_prompt("one small red circle")
+    s.next()
+    assert b.unit_w.nonzero().flatten().tolist() == [3]
+
+
+def test_knob_changes_keep_storage_and_never_recompile(rig):
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    engine, kw, _ = rig
+    apply_patch(engine, parse_patch(ALL_OPS, dims=engine.dims))
+    s = engine.stream(PROMPT, seed=1, **kw)
+    ptrs = [(b.values.data_ptr(), b.layer_w.data_ptr(), b.step_w.data_ptr()) for b in engine.dit.bends.bends]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    eager = engine.dit.forward
+    engine.dit.forward = torch.compile(eager, backend=counter, dynamic=False)
+    try:
+        for _ in range(3):  # until the window is full, shapes still change (warm-up)
+            s.next()
+        warm = counter.frame_count
+        for i in range(4):
+            for spec in engine.params.specs("bend/"):
+                engine.params.set(spec.name, spec.lo + (spec.hi - spec.lo) * ((i * 0.37 + 0.2) % 1.0))
+            s.set_prompt(["a red fox", "a blue circle and a fox"][i % 2])
+            s.next()
+        assert counter.frame_count == warm, "a knob or prompt change recompiled"
+    finally:
+        engine.dit.forward = eager
+        torch._dynamo.reset()
+    assert ptrs == [(b.values.data_ptr(), b.layer_w.data_ptr(), b.step_w.data_ptr()) for b in engine.dit.bends.bends]
+
+
+class Explode(B.HiddenScale):
+    """hidden.scale with a range wide enough to overflow float32: the NaN guard's worst case."""
+
+    op = "test.explode"
+    knobs = (B.Knob("factor", -1e38, 1e38, 1e38),)
+
+
+def test_nan_guard_holds_and_the_stream_recovers(rig):
+    engine, kw, unbent = rig
+    B.OPS[Explode.op] = Explode
+    try:
+        apply_patch(engine, parse_patch('[[bend]]\nname="boom"\nop="test.explode"\nlayers="0-1"\n', dims=engine.dims))
+        s = engine.stream(PROMPT, seed=3, **kw)
+        c = s.next()
+        assert torch.isfinite(c.latents).all()
+        assert any("boom" in w and "non-finite" in w for w in c.warnings)
+        engine.params.set("bend/boom/mix", 0.0)
+        for _ in range(3):
+            c = s.next()
+            assert torch.isfinite(c.latents).all() and not c.warnings
+    finally:
+        del B.OPS[Explode.op]
+
+
+def test_patch_errors_name_their_line_and_hint(rig):
+    engine = rig[0]
+    text = '\n'.join(['name = "x"', "", "[[bend]]", 'name = "a"', 'op = "self.temprature"', "",
+                      "[[bend]]", 'name = "b"', 'op = "ffn.gain"', 'neurons = "0-99999"', 'gian = 2'])
+    with pytest.raises(PatchError) as e:
+        parse_patch(text, dims=engine.dims)
+    msgs = [str(p) for p in e.value.problems]
+    assert any(m.startswith("line 5:") and "self.temperature" in m for m in msgs), msgs
+    assert any(m.startswith("line 10:") and "out of range" in m for m in msgs), msgs
+    assert any(m.startswith("line 11:") and "'gain'" in m for m in msgs), msgs
+    with pytest.raises(PatchError) as e:
+        parse_patch("name = [unclosed\n", dims=engine.dims)
+    assert e.value.problems[0].line == 1
+
+
+def test_shipped_patches_check_clean_and_change_the_picture(rig):
+    import glob
+    import subprocess
+    import sys
+
+    from instrument.bends.patch import load_patch
+
+    files = sorted(glob.glob("patches/*.toml"))
+    assert len(files) >= 6
+    r = subprocess.run([sys.executable, "-m", "instrument.cli", "check", *files], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    engine, kw, unbent = rig
+    sites = set()
+    for f in files:
+        patch = load_patch(f, engine.dims)
+        sites.update(B.OPS[b["op"]].site for b in patch.bends)
+        apply_patch(engine, patch)
+        s = engine.stream(PROMPT, seed=3, **kw)
+        out = [s.next() for _ in range(3)]
+        diff = max((a.frames.float() - b.frames.float()).abs().mean().item() for a, b in zip(out, unbent))
+        assert diff > 1.0, f"{f} barely changes the picture ({diff:.2f} levels)"
+    assert {"self.query", "self.heads", "self.out", "cross", "ffn.hidden", "ffn.out", "hidden"} <= sites
