@@ -383,3 +383,73 @@ def test_shipped_patches_check_clean_and_change_the_picture(rig):
         diff = max((a.frames.float() - b.frames.float()).abs().mean().item() for a, b in zip(out, unbent))
         assert diff > 1.0, f"{f} barely changes the picture ({diff:.2f} levels)"
     assert {"self.query", "self.heads", "self.out", "cross", "ffn.hidden", "ffn.out", "hidden"} <= sites
+
+
+def test_probes_record_without_touching_the_stream(rig):
+    from instrument.bends.probe import Probe
+
+    engine, kw, unbent = rig
+    engine.set_bends(BendSites.empty())
+    d = engine.dims
+    probes = [Probe("cross.map", d, "cpu", tokens="fox"), Probe("self.entropy", d, "cpu"),
+              Probe("ffn.mean", d, "cpu"), Probe("hidden.mean", d, "cpu", layers="1")]
+    engine.set_probes(probes)
+    try:
+        s = engine.stream(PROMPT, seed=3, **kw)
+        out = [s.next() for _ in range(3)]
+        assert same(out, unbent)
+        m = probes[0].result()
+        assert m.shape == (s.grid.frames, s.grid.height, s.grid.width) and 0 < m.min() and m.max() < 1
+        ent = probes[1].result()
+        assert ent.shape == (d.layers, d.heads) and torch.all(ent > 0)
+        assert torch.all(ent <= math.log(s.cache.slots * s.cache.tokens_per_frame) + 1e-5)
+        assert probes[2].result().shape == (d.layers, d.ffn)
+        h = probes[3].result()
+        assert torch.all(h[0] == 0) and torch.any(h[1] != 0)  # only layer 1 was probed
+    finally:
+        engine.set_probes([])
+
+
+def test_probe_summaries_against_direct_computation():
+    from instrument.bends.probe import Probe
+
+    d = B.Dims(layers=2, heads=3, dim=8, ffn=5, text_len=6)
+    grid = TokenGrid(1, 2, 2)
+
+    class P:
+        text, length = "a b", 3
+
+        @staticmethod
+        def positions(word):
+            return [1, 2] if word == "b" else []
+
+    p = torch.rand(1, 3, 4, 6, dtype=torch.float64).softmax(-1)
+    pr = Probe("cross.map", d, "cpu", tokens="b")
+    pr.load_values(P, grid)
+    pr.record(0, 0, p, grid)
+    torch.testing.assert_close(pr.result().double(), p[0, :, :, 1:3].sum(-1).mean(0).view(1, 2, 2), rtol=1e-6, atol=1e-6)
+    q = torch.randn(1, 4, 3, 2, dtype=torch.float64)
+    keys = torch.randn(1, 3, 7, 2, dtype=torch.float64)
+    e = Probe("self.entropy", d, "cpu", layers="1")
+    e.record(1, 0, q, keys)
+    e.record(0, 0, q, keys)  # not a probed layer
+    probs = torch.einsum("nhd,hmd->hnm", q[0], keys[0]).div(math.sqrt(2)).softmax(-1)
+    ref = -(probs * probs.log()).sum(-1).mean(-1)
+    out = e.result()
+    torch.testing.assert_close(out[1].double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(out[0] == 0)
+
+
+def test_cluster_targets_come_from_recorded_activations(rig):
+    from instrument.bends.targets import cluster_mask
+
+    engine, kw, _ = rig
+    engine.activations = None
+    patch = parse_patch('prompt = "a red fox"\n[[bend]]\nname="k"\nop="ffn.gain"\nneurons="cluster 1 of 3 seed 2"\n',
+                        dims=engine.dims)
+    apply_patch(engine, patch)
+    acts = engine.activations["neurons"]
+    assert acts.shape == (engine.dims.ffn, engine.dims.layers)
+    expected = cluster_mask(acts, 3, 1, seed=2)
+    assert torch.equal(engine.dit.bends.bends[0].unit_w.bool(), expected.bool())
+    engine.activations = None

@@ -106,7 +106,8 @@ class Bend:
         self.unit_w = None
         if self.units in ("heads", "neurons", "channels"):
             n = {"heads": dims.heads, "neurons": dims.ffn, "channels": dims.dim}[self.units]
-            self.unit_w = target_weights(self.unit_spec, n, what=self.units[:-1], activations=activations,
+            acts = (activations or {}).get(self.units)  # [units, features] for 'cluster k of n'
+            self.unit_w = target_weights(self.unit_spec, n, what=self.units[:-1], activations=acts,
                                          device=self.device)
         elif self.units == "tokens":
             self.unit_w = torch.zeros(dims.text_len, device=self.device)

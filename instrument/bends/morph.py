@@ -8,7 +8,8 @@
 A saved patch is the state, not the file it came from: the armed bends' structure (op, targets,
 options) with every knob and mix at its live value, the prompts, the seed and the prompt blend.
 Knobs a [[bend]] table cannot hold (a region's live box, feather and inside) go to [params].
-Loading the saved file gives the same parameter values bit for bit.
+Knob values are saved as the engine holds them (float32, written in their shortest decimal form),
+so loading the saved file gives the bends the same values bit for bit.
 
 A morph arms the union of two patches' bends. A bend with the same name, op and targets in both
 is one bend whose knobs interpolate; any other bend fades by its mix (A's out, B's in). The
@@ -21,6 +22,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 
 from ..params import ParamSpec, UnknownParam
@@ -46,6 +48,7 @@ def current_patch(engine, stream=None, name: str | None = None) -> Patch:
             if not pname.startswith(prefix):
                 continue
             knob = pname[len(prefix):]
+            v = engine_precision(v)
             if knob in keys:
                 b[knob] = v
             else:  # region box, feather, inside: live knobs without a [[bend]] key
@@ -67,6 +70,11 @@ def current_patch(engine, stream=None, name: str | None = None) -> Patch:
     if BLEND in values:
         patch.blend = values[BLEND]
     return patch
+
+
+def engine_precision(v: float) -> float:
+    """A knob value as the bends hold it (float32 on the device), in its shortest decimal form."""
+    return float(str(np.float32(v)))
 
 
 def patch_to_toml(patch: Patch) -> str:

@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from .bend import MAX_FRAMES, OPS, Bend, Dims, allowed_keys, layer_spec, step_weights
 from .targets import TargetError, parse_box, parse_indices
@@ -62,8 +64,11 @@ class Patch:
     extra: dict = field(default_factory=dict)  # mapping, binding, modulator tables (the control layer's)
     path: Path | None = None
 
-    def build(self, dims: Dims, device, activations=None) -> list[Bend]:
+    def build(self, dims: Dims, device, activations: dict | None = None) -> list[Bend]:
         return [OPS[b["op"]](b["name"], b, dims, device, activations) for b in self.bends]
+
+    def uses_clusters(self) -> bool:
+        return any("cluster" in str(b.get(k, "")) for b in self.bends for k in ("neurons", "channels"))
 
 
 def _line_finder(text: str):
@@ -158,7 +163,10 @@ def _check_bend(i: int, b: dict, names: set, find, dims: Dims | None) -> list[Pa
         for key, n, what in checks:
             if key in b:
                 try:
-                    parse_indices(layer_spec(b[key], n) if key == "layers" else b[key], n, what=what)
+                    # Cluster targets are checked for form here; their units come from recorded activations.
+                    stand_in = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+                    parse_indices(layer_spec(b[key], n) if key == "layers" else b[key], n, what=what,
+                                  activations=stand_in if "cluster" in str(b[key]) else None)
                 except TargetError as e:
                     out.append(PatchProblem(find(key, i), f"bend '{name}': {e}"))
     if "steps" in b:
@@ -199,8 +207,13 @@ def apply_patch(engine, patch: Patch, progress=None) -> float:
     """Arm the patch's bends on the engine (structural); set its initial values. Returns seconds taken."""
     from .sites import BendSites
 
+    activations = getattr(engine, "activations", None)
+    if patch.uses_clusters() and activations is None:
+        if progress:
+            progress("recording activations for k-means targets")
+        activations = engine.record_activations(patch.prompt or "", seed=patch.seed or 0)
     try:
-        bends = patch.build(engine.dims, engine.device)
+        bends = patch.build(engine.dims, engine.device, activations)
     except TargetError as e:
         raise PatchError(patch.path, [PatchProblem(None, str(e))]) from None
     took = engine.set_bends(BendSites(bends, engine.dit.bends.probes))

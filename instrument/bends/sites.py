@@ -61,6 +61,11 @@ class BendSites:
     def self_query(self, layer, step, q):
         return self._apply("self.query", layer, step, q)
 
+    def self_keys(self, layer, step, q, keys):
+        """Probes only: the queries and every key they attend to ([B, N, H, D], [B, H, M, D])."""
+        for p in self.probe_at.get("self.keys", ()):
+            p.record(layer, step, q, keys)
+
     def self_heads(self, layer, step, out, grid):
         return self._apply("self.heads", layer, step, out, grid)
 

@@ -207,6 +207,7 @@ class StreamingDiT(torch.nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = self.bends.self_query(i, step, q)
         keys, values = cache.write_and_read(i, k, v)
+        self.bends.self_keys(i, step, q, keys)
         mask = None if cache.key_mask is None else cache.key_mask[None, None, None, : keys.shape[2]]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=mask)

@@ -125,6 +125,31 @@ class Engine:
 
         return WanStreamingDecoder(self.components.vae)
 
+    def set_probes(self, probes) -> None:
+        """Arm probes (structural); they stay armed across patch changes until replaced."""
+        from ..bends.sites import BendSites
+
+        self.dit.bends = BendSites(self.dit.bends.bends, probes)
+
+    @torch.no_grad()
+    def record_activations(self, prompt: str, seed: int = 0, chunks: int = 2, size=None) -> dict:
+        """Per-unit activation summaries for k-means targets ('cluster 2 of 8'): runs a short stream
+        with probes on every layer and returns {"neurons": [ffn, layers], "channels": [dim, layers]}."""
+        from ..bends.probe import Probe
+        from ..bends.sites import BendSites
+
+        saved = self.dit.bends
+        ffn, hid = Probe("ffn.mean", self.dims, self.device), Probe("hidden.mean", self.dims, self.device)
+        self.dit.bends = BendSites(saved.bends, [ffn, hid])
+        try:
+            stream = self.stream(prompt, seed=seed, size=size)
+            for _ in range(chunks):
+                stream.next()
+        finally:
+            self.dit.bends = saved
+        self.activations = {"neurons": ffn.result().T.contiguous(), "channels": hid.result().T.contiguous()}
+        return self.activations
+
     def set_bends(self, sites) -> float:
         """Arm a new set of bends (a structural change, between patches); returns the seconds it took."""
         t0 = time.perf_counter()
