@@ -174,8 +174,9 @@ def test_layer_step_targets_touch_only_their_targets(rig):
     def record(tag):
         original = engine.dit.block
 
-        def block(i, blk, x, e6, prompt, cache, rope, step, grid):
-            out = original(i, blk, x, e6, prompt, cache, rope, step, grid)
+        def block(i, blk, x, *rest):
+            step = rest[-2]
+            out = original(i, blk, x, *rest)
             seen.setdefault(tag, []).append((i, step, out.clone()))
             return out
 

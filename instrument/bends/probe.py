@@ -28,9 +28,9 @@ class Probe:
             raise ValueError(f"unknown probe {kind!r}: one of {', '.join(KINDS)}")
         self.kind, self.site, self.dims = kind, KINDS[kind], dims
         self.device = torch.device(device)
-        self.layers = set(parse_indices(layer_spec(layers, dims.layers), dims.layers, what="layer"))
-        w = step_weights(steps, dims.steps, "cpu")
-        self.steps = {i for i in range(dims.steps) if w[i]} | ({-1} if w[-1] else set())
+        self.layer_w = torch.zeros(dims.layers, device=self.device)
+        self.layer_w[parse_indices(layer_spec(layers, dims.layers), dims.layers, what="layer")] = 1
+        self.step_w = step_weights(steps, dims.steps, self.device)
         self.tokens = tokens
         self.token_w = torch.zeros(dims.text_len, device=self.device)
         self._token_key = None
@@ -51,27 +51,24 @@ class Probe:
                 self.token_w.copy_(token_weights(self.tokens, prompt, self.dims.text_len))
                 self._token_key = key
 
-    def wants(self, layer: int, step: int) -> bool:
-        return layer in self.layers and step in self.steps
-
     def record(self, layer, step, x, *extra) -> None:
-        if not self.wants(layer, step):
-            return
+        # Weighted rather than skipped, so `layer` and `step` may be device tensors (compiled passes).
+        w = self.layer_w[layer] * self.step_w[step]
         if self.kind == "cross.map":  # x: probabilities [B, heads, N, T]
             m = (x * self.token_w.to(x.dtype)).sum(-1).mean(dim=(0, 1))
-            self.buffer += m.view_as(self.buffer).float()
-            self.count += 1
+            self.buffer += w * m.view_as(self.buffer).float()
+            self.count += w
         elif self.kind == "ffn.mean" or self.kind == "hidden.mean":  # [B, N, C]
-            self.buffer[layer] += x.float().mean(dim=(0, 1))
-            self.count[layer] += 1
+            self.buffer[layer] += w * x.float().mean(dim=(0, 1))
+            self.count[layer] += w
         elif self.kind == "self.entropy":  # x: queries [B, N, H, D]; extra[0]: keys [B, H, M, D]
             keys = extra[0]
             stride = max(1, x.shape[1] // ENTROPY_QUERIES)
             q = x[:, ::stride].transpose(1, 2).float()
             p = (q @ keys.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
             ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(dim=(0, 2))
-            self.buffer[layer] += ent
-            self.count[layer] += 1
+            self.buffer[layer] += w * ent
+            self.count[layer] += w
 
     def result(self, reset: bool = True) -> torch.Tensor:
         """The mean summary since the last reset, on the CPU (this syncs: call it after a chunk)."""

@@ -15,6 +15,7 @@ keys contiguously.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,11 @@ class KVCache:
         self.valid_tokens = 0
         self.key_mask: torch.Tensor | None = None
 
+    @property
+    def full(self) -> bool:
+        """Steady state: every slot holds a frame, so every pass has the same shapes from now on."""
+        return self.valid_tokens == self.slots * self.tokens_per_frame
+
     def slot_of(self, frame: int) -> int:
         if frame < self.sink:
             return frame
@@ -72,21 +78,35 @@ class KVCache:
         tpf = self.tokens_per_frame
         slots = [self.slot_of(f) for f in range(first_frame, first_frame + frames)]
         index = torch.tensor([s * tpf + t for s in slots for t in range(tpf)], dtype=torch.long)
-        self.token_index = index.to(self.k.device, non_blocking=True)
+        if self.token_index.shape != index.shape:
+            self.token_index = torch.empty_like(index, device=self.k.device)
+        self.token_index.copy_(index)  # in place: captured graphs read this buffer
         self.valid_tokens = min(first_frame + frames, self.slots) * tpf
         self.key_mask = key_mask
 
-    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this chunk's k, v ([B, N, H, D]) and return all valid keys and values ([B, H, M, D])."""
-        self.k[layer].index_copy_(2, self.token_index, k.transpose(1, 2).to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.token_index, v.transpose(1, 2).to(self.v.dtype))
-        n = self.valid_tokens
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+    def layer(self, i: int) -> "LayerKV":
+        return LayerKV(self.k[i], self.v[i], self.token_index, self.valid_tokens, self.key_mask)
 
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
         self.valid_tokens = 0
+
+
+class LayerKV(NamedTuple):
+    """One layer's cache as the block sees it: buffers, where this chunk goes, how much is valid."""
+
+    k: torch.Tensor  # [B, H, slots*tpf, D]
+    v: torch.Tensor
+    index: torch.Tensor  # token slots of the current chunk
+    valid: int
+    mask: torch.Tensor | None
+
+    def write_and_read(self, k: torch.Tensor, v: torch.Tensor):
+        """Store this chunk's k, v ([B, N, H, D]) and return all valid keys and values ([B, H, M, D])."""
+        self.k.index_copy_(2, self.index, k.transpose(1, 2).to(self.k.dtype))
+        self.v.index_copy_(2, self.index, v.transpose(1, 2).to(self.v.dtype))
+        return self.k[:, :, : self.valid], self.v[:, :, : self.valid]
 
 
 def rope_tables(grid: TokenGrid, first_frame: int, head_dim: int, theta: float = 10000.0, device=None):
@@ -146,6 +166,7 @@ class StreamingDiT(torch.nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.out_channels = cfg.out_channels
         self.bends = bends if bends is not None else BendSites.empty()
+        self.run_block = self.block  # instrument/engine/graphs.py swaps in a compiled block
 
     # -- once per prompt ------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,8 +194,9 @@ class StreamingDiT(torch.nn.Module):
         temb = m.condition_embedder.time_embedder(e).type_as(x)
         e6 = m.condition_embedder.time_proj(m.condition_embedder.act_fn(temb)).unflatten(1, (6, -1))
 
+        layers = getattr(self, "layer_ids", None) or range(self.layers)
         for i, blk in enumerate(m.blocks):
-            x = self.block(i, blk, x, e6, prompt, cache, rope, step, grid)
+            x = self.run_block(layers[i], blk, x, e6, prompt.k[i], prompt.v[i], cache.layer(i), rope, step, grid)
 
         shift, scale = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
@@ -182,16 +204,18 @@ class StreamingDiT(torch.nn.Module):
         x = x.reshape(B, grid.frames, grid.height, grid.width, pt, ph, pw, -1)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def block(self, i, blk, x, e6, prompt, cache, rope, step, grid):
+    def block(self, i, blk, x, e6, ctx_k, ctx_v, kv: LayerKV, rope, step, grid):
+        """One transformer block. `i` and `step` are ints when eager, device tensors when compiled (one
+        compiled block then serves every layer and every pass)."""
         bends = self.bends
         shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e6.float()).chunk(6, dim=1)
 
         h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        a = self.self_attention(i, blk.attn1, h, cache, rope, step, grid)
+        a = self.self_attention(i, blk.attn1, h, kv, rope, step, grid)
         x = (x.float() + a * gate).type_as(x)
 
         h = blk.norm2(x.float()).type_as(x)
-        x = x + self.cross_attention(i, blk.attn2, h, prompt, step, grid)
+        x = x + self.cross_attention(i, blk.attn2, h, ctx_k, ctx_v, step, grid)
 
         h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         ffn = blk.ffn.net
@@ -200,23 +224,22 @@ class StreamingDiT(torch.nn.Module):
         x = (x.float() + f.float() * c_gate).type_as(x)
         return bends.hidden(i, step, x, grid)
 
-    def self_attention(self, i, attn, h, cache: KVCache, rope, step, grid):
+    def self_attention(self, i, attn, h, kv: LayerKV, rope, step, grid):
         q = attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1))
         k = attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1))
         v = attn.to_v(h).unflatten(2, (self.heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = self.bends.self_query(i, step, q)
-        keys, values = cache.write_and_read(i, k, v)
+        keys, values = kv.write_and_read(k, v)
         self.bends.self_keys(i, step, q, keys)
-        mask = None if cache.key_mask is None else cache.key_mask[None, None, None, : keys.shape[2]]
+        mask = None if kv.mask is None else kv.mask[None, None, None, : keys.shape[2]]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=mask)
         out = self.bends.self_heads(i, step, out.transpose(1, 2), grid)
         out = attn.to_out[0](out.flatten(2, 3).type_as(h))
         return self.bends.self_out(i, step, out, grid)
 
-    def cross_attention(self, i, attn, h, prompt: PromptContext, step, grid):
+    def cross_attention(self, i, attn, h, k, v, step, grid):
         q = attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1))
-        k, v = prompt.k[i], prompt.v[i]
         out = self.bends.cross_attention(i, step, q, k, v, grid)
         return attn.to_out[0](out.flatten(2, 3).type_as(h))

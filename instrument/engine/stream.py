@@ -22,6 +22,7 @@ import torch
 from ..errors import UserError
 from ..params import ParamSpace, ParamSpec
 from ..progress import Progress
+from .graphs import PassRunner
 from .dit import CONTEXT_STEP, KVCache, PromptContext, StreamingDiT, TokenGrid, rope_tables
 from .loading import Components, load_components
 from .text import EncodedPrompt, PromptEncoder
@@ -78,12 +79,13 @@ class Engine:
     """Weights, text encoder and decoder, loaded once; `stream()` makes as many streams as needed."""
 
     def __init__(self, comps: Components, device, dtype, decoder: str = "wan", tiny_decoder: str | None = None,
-                 progress=None):
+                 progress=None, compile: bool = False, graphs: bool = False):
         self.progress = progress or Progress()
         self.device = torch.device(device)
         self.dtype = dtype
         self.components = comps
         self.dit = StreamingDiT(comps.transformer)
+        self.runner = PassRunner(self.dit, self.device, compile=compile, graphs=graphs, progress=self.progress)
         self.text = PromptEncoder(comps.tokenizer, comps.text_encoder, comps.text_len, self.device,
                                   dtype=dtype)
         self.params = ParamSpace()
@@ -97,14 +99,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, checkpoint: str | None = None, device: str = "cpu", dtype=None,
-             decoder: str = "wan", tiny_decoder: str | None = None, progress=None) -> "Engine":
+             decoder: str = "wan", tiny_decoder: str | None = None, progress=None, compile: bool | None = None,
+             graphs: bool | None = None) -> "Engine":
+        """Load weights and build the engine. compile / graphs default to on for CUDA, off for the CPU."""
         progress = progress or Progress()
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to torch")
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         comps = load_components(model, checkpoint, device, dtype, progress)
-        engine = cls(comps, device, dtype, decoder, tiny_decoder, progress)
+        cuda = torch.device(device).type == "cuda"
+        engine = cls(comps, device, dtype, decoder, tiny_decoder, progress,
+                     compile=cuda if compile is None else compile, graphs=cuda if graphs is None else graphs)
         progress(f"ready: {comps.source} on {device} ({str(dtype).replace('torch.', '')})")
         return engine
 
@@ -116,6 +122,10 @@ class Engine:
         decoder = TAEHVStreamingDecoder.from_file(path)
         decoder.model.to(self.device)
         return decoder
+
+    def use_decoder(self, decoder, kind: str = "tiny") -> None:
+        """Decode with an already built streaming decoder (bench: a TAEHV of random weights)."""
+        self._tiny, self.decoder_kind = decoder, kind
 
     def make_decoder(self):
         if self.decoder_kind == "tiny":
@@ -200,6 +210,7 @@ class Stream:
         self.latent_ring = torch.zeros(1, cfg.in_channels, self.cache.slots, *self.latent_shape[3:],
                                        device=engine.device, dtype=engine.dtype)
         self.warnings: list[str] = []
+        self.sync_timing = False  # bench: wait for the GPU to split DiT from decode time
         self.prompts: list[EncodedPrompt | None] = [engine.text.encode(prompt), None]
         self.context: PromptContext | None = None
         self._context_key = None
@@ -260,16 +271,18 @@ class Stream:
         x0 = x
         for step, sigma in enumerate(sigmas):
             t = torch.full((1,), sigma * 1000.0, device=e.device)
-            v = e.dit(x, t, self.context, self.cache, rope, step)
+            v = e.runner(x, t, self.context, self.cache, rope, step, len(sigmas))
             x0 = (x.float() - sigma * v.float()).to(e.dtype)
             if step + 1 < len(sigmas):
                 nxt = sigmas[step + 1]
                 x = ((1.0 - nxt) * x0.float() + nxt * self._noise().float()).to(e.dtype)
         # The clean pass: this chunk's keys and values at t = 0 become what later chunks attend to.
-        e.dit(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP)
+        e.runner(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP, len(sigmas))
         for j in range(s.chunk):
             self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
         x0 = self._recover_if_broken(x0)
+        if self.sync_timing and e.device.type == "cuda":
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         frames = self.decoder.decode(x0.float() if e.device.type == "cpu" else x0)
         frames = frames.to("cpu")

@@ -32,26 +32,32 @@ from ..params import ParamError
 
 
 class PatchList:
-    """The patches a show switches between: files given one by one, then a folder's *.toml."""
+    """The patches a show switches between: files given one by one, then a folder's *.toml.
+
+    The order is fixed when the show starts; patches that appear later (saved on stage, copied in)
+    join at the end, so patch N stays patch N for a program change all night.
+    """
 
     def __init__(self, files=(), folder: str | Path | None = None):
-        self.files = [Path(f) for f in files]
         self.folder = Path(folder) if folder is not None else None
+        self._order: list[Path] = []
+        self._seen: set[Path] = set()
+        for p in files:
+            self.add(p)
+        self.paths()
 
     def paths(self) -> list[Path]:
-        out, seen = [], set()
-        found = sorted(self.folder.glob("*.toml")) if self.folder is not None and self.folder.is_dir() else []
-        for p in [*self.files, *found]:
-            key = p.resolve()
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-        return out
+        if self.folder is not None and self.folder.is_dir():
+            for p in sorted(self.folder.glob("*.toml")):
+                self.add(p)
+        return [p for p in self._order if p.is_file()]
 
-    def add(self, path: Path) -> None:
-        """A patch saved during the show joins the list (if its folder does not already list it)."""
-        if self.folder is None or Path(path).resolve().parent != self.folder.resolve():
-            self.files.append(Path(path))
+    def add(self, path: str | Path) -> None:
+        path = Path(path)
+        key = path.resolve()
+        if key not in self._seen:
+            self._seen.add(key)
+            self._order.append(path)
 
     def find(self, which, current: int) -> int:
         """Index of `which`: an index, '+N' / '-N' from `current` (wrapping), or a patch name."""
@@ -157,6 +163,7 @@ class LiveShow:
         self.hud = hud
         self.router = None  # set by the caller once the Router exists (it needs the show)
         self.presenter = None  # set by the present loop
+        self._present_thread: threading.Thread | None = None
         self.base_mappings = list(mappings)
         self.learned: list = []  # MIDI-learned bindings survive patch switches
         self.log = log or (lambda line: print(f"instrument: {line}", file=sys.stderr, flush=True))
@@ -211,6 +218,26 @@ class LiveShow:
         self._queue("patch", ("morph", target, i))
 
     def save_patch(self, path: str | None = None) -> str:
+        # Values sent just before the save are written by the next present tick: save after it.
+        if self.presenter is None or threading.current_thread() is self._present_thread:
+            return self._save(path)
+        done, claim = threading.Event(), threading.Lock()
+        result: list[str] = []
+
+        def job():
+            if claim.acquire(blocking=False):  # whoever claims it saves: never two files
+                result.append(self._save(path))
+                done.set()
+
+        self._call_main(job)
+        if done.wait(0.5):
+            return result[0]
+        if claim.acquire(blocking=False):  # the present loop is stalled: save from here
+            return self._save(path)
+        done.wait()  # the present loop took it meanwhile and is writing now
+        return result[0]
+
+    def _save(self, path: str | None) -> str:
         folder, name = self.save_dir, None
         if path:
             p = Path(str(path))
@@ -392,7 +419,7 @@ class LiveShow:
         if patch.prompt_b is not None:
             self.stream.set_prompt(patch.prompt_b, 1)
         self.patch = patch
-        self.index = index
+        self.index = self._wanted = index
 
     def _announce(self, what: str, index: int, bends: int, took: float) -> None:
         n = len(self.patches.paths())
@@ -414,6 +441,7 @@ class LiveShow:
 
     def tick(self, now: float) -> None:
         """Once per present tick: router (smoothing, modulators), the morph, queued calls."""
+        self._present_thread = threading.current_thread()
         if self.router is not None:
             self.router.tick(now)
         m = self.morph
