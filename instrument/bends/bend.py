@@ -150,7 +150,7 @@ class Bend:
     # -- inside the compiled region -----------------------------------------------------------
     def gate(self, layer: int, step: int) -> Tensor:
         """mix x layer weight x step weight x acting: the bend's overall strength at this pass (0-d)."""
-        return self.values[0] * self.layer_w[layer] * self.step_w[step] * self.acting()
+        return self.values[0] * pick(self.layer_w, layer) * pick(self.step_w, step) * self.acting()
 
     def acting(self) -> Tensor:
         """1 unless the knobs sit at a neutral setting whose arithmetic is not exactly the identity."""
@@ -192,6 +192,14 @@ def layer_spec(spec, layers: int):
             else:
                 out.append(t)
     return out
+
+
+def pick(vec: Tensor, i) -> Tensor:
+    """vec[i] for an int, or for a [1] index tensor on the device (compiled passes) without a host sync:
+    indexing with a device scalar would read it back to the host, which breaks CUDA graph capture."""
+    if isinstance(i, int):
+        return vec[i]
+    return vec.index_select(0, i).squeeze(0)
 
 
 def step_weights(spec, steps: int, device) -> Tensor:

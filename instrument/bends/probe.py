@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .bend import Dims, layer_spec, step_weights, token_weights
+from .bend import Dims, layer_spec, pick, step_weights, token_weights
 from .targets import parse_indices
 
 KINDS = {"cross.map": "cross", "self.entropy": "self.keys", "ffn.mean": "ffn.hidden", "hidden.mean": "hidden"}
@@ -53,22 +53,25 @@ class Probe:
 
     def record(self, layer, step, x, *extra) -> None:
         # Weighted rather than skipped, so `layer` and `step` may be device tensors (compiled passes).
-        w = self.layer_w[layer] * self.step_w[step]
+        w = pick(self.layer_w, layer) * pick(self.step_w, step)
         if self.kind == "cross.map":  # x: probabilities [B, heads, N, T]
             m = (x * self.token_w.to(x.dtype)).sum(-1).mean(dim=(0, 1))
             self.buffer += w * m.view_as(self.buffer).float()
             self.count += w
         elif self.kind == "ffn.mean" or self.kind == "hidden.mean":  # [B, N, C]
-            self.buffer[layer] += w * x.float().mean(dim=(0, 1))
-            self.count[layer] += w
+            self._accumulate(layer, w, x.float().mean(dim=(0, 1)))
         elif self.kind == "self.entropy":  # x: queries [B, N, H, D]; extra[0]: keys [B, H, M, D]
             keys = extra[0]
             stride = max(1, x.shape[1] // ENTROPY_QUERIES)
             q = x[:, ::stride].transpose(1, 2).float()
             p = (q @ keys.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
             ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(dim=(0, 2))
-            self.buffer[layer] += w * ent
-            self.count[layer] += w
+            self._accumulate(layer, w, ent)
+
+    def _accumulate(self, layer, w, row):
+        index = torch.as_tensor([layer], device=self.device) if isinstance(layer, int) else layer
+        self.buffer.index_add_(0, index, (w * row).unsqueeze(0))
+        self.count.index_add_(0, index, w.view(1, 1))
 
     def result(self, reset: bool = True) -> torch.Tensor:
         """The mean summary since the last reset, on the CPU (this syncs: call it after a chunk)."""

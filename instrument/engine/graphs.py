@@ -65,7 +65,7 @@ class PassRunner:
                 if hasattr(cfg, knob):
                     setattr(cfg, knob, max(getattr(cfg, knob), 64))
             self.compiled_block = torch.compile(dit.block, dynamic=False)
-            dit.layer_ids = [torch.tensor(i, device=self.device) for i in range(dit.layers)]
+            dit.layer_ids = [torch.tensor([i], device=self.device) for i in range(dit.layers)]
         self.step_ids: dict[int, torch.Tensor] = {}
 
     def _step(self, step: int, steps: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class PassRunner:
         index = steps if step < 0 else step
         t = self.step_ids.get(index)
         if t is None:
-            t = self.step_ids[index] = torch.tensor(index, device=self.device)
+            t = self.step_ids[index] = torch.tensor([index], device=self.device)
         return t
 
     @torch.no_grad()
@@ -110,8 +110,13 @@ class PassRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), self.attention():
-            for _ in range(2):  # compile and settle allocations; writes the same cache slots the pass will
-                self.dit(*args)
+            for i in range(2):  # compile and settle allocations; writes the same cache slots the pass will
+                if i == 1 and os.environ.get("INSTRUMENT_SYNC_DEBUG"):
+                    torch.cuda.set_sync_debug_mode("error")  # name the op that would break the capture
+                try:
+                    self.dit(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), self.attention():
