@@ -166,9 +166,9 @@ class Bend:
 
     def finish(self, x: Tensor, bent: Tensor, w: Tensor) -> Tensor:
         """Mix in the bend where w > 0, with non-finite values caught here rather than in the cache."""
-        clean, bad = ops.guard(bent)
-        self.bad += bad
-        return ops.mix(x, clean, w)
+        bad = (~torch.isfinite(bent)) & (w != 0)  # what a silent bend computes does not count
+        self.bad += bad.sum(dtype=torch.float32)
+        return ops.mix(x, torch.nan_to_num(bent, nan=0.0, posinf=0.0, neginf=0.0), w)
 
     def apply(self, layer, step, x, *extra):
         raise NotImplementedError
@@ -316,8 +316,13 @@ class CrossBend(Bend):
         """Whether this bend changes anything at this pass (0-d bool, on the device)."""
         return self.gate(layer, step) > 0
 
+    needs_probs = False  # True for bends that reshape the attention probabilities themselves
+
     def bend_values(self, layer, step, v):
         return v
+
+    def logit_bias(self, layer, step, bias):
+        return bias
 
     def bend_probs(self, layer, step, p, grid):
         return p
@@ -332,14 +337,22 @@ class CrossGain(CrossBend):
     def acting(self):  # gain 1 changes nothing, but renormalising is not exactly the identity
         return (self.k("gain") != 1.0).to(self.values.dtype)
 
-    def bend_probs(self, layer, step, p, grid):
+    def _factor(self, layer, step):
         w = self.gate(layer, step) * self.unit_w  # [T]
-        bent = p * (1.0 + w * (self.k("gain") - 1.0)).to(p.dtype)
+        return 1.0 + w * (self.k("gain") - 1.0)
+
+    # Multiplying a token's probability by g and renormalising is adding log g to its logit; without
+    # renormalising it is scaling its value row by g. Either way fused attention does the work.
+    def logit_bias(self, layer, step, bias):
+        if not self.option["renormalise"]:
+            return bias
+        b = self._factor(layer, step).clamp_min(1e-6).log()
+        return b if bias is None else bias + b
+
+    def bend_values(self, layer, step, v):
         if self.option["renormalise"]:
-            bent = ops.renormalise(bent, dim=-1)
-        clean, bad = ops.guard(bent)
-        self.bad += bad
-        return clean
+            return v
+        return v * self._factor(layer, step).view(1, -1, 1, 1).to(v.dtype)
 
 
 class CrossMap(CrossBend):
@@ -350,6 +363,7 @@ class CrossMap(CrossBend):
              Knob("sharpen", 0.0, 4.0, 0.0, "", "unsharp-mask amount"))
     options = {"padding": "zeros", "renormalise": True, "max_tokens": 8}
     spatial = True
+    needs_probs = True
 
     def acting(self):
         return torch.maximum(moving(self), torch.full((), float(self.region), device=self.values.device))

@@ -79,22 +79,28 @@ class BendSites:
         plain = sdpa(q, k, v)
         if not bends and not probes:
             return plain
-        # Token bends need the probabilities themselves, so armed layers take the explicit path; where
-        # every bend's gate is 0 the fused result is kept, so mix 0 stays bit-identical.
-        scale = q.shape[-1] ** -0.5
-        work = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32, even from bf16
-        logits = torch.einsum("bnhd,bthd->bhnt", q.to(work), k.to(work)) * scale
-        p = logits.softmax(dim=-1)
-        for pr in probes:
-            pr.record(layer, step, p, grid)
-        if not bends:
-            return plain
-        v2 = v
+        # Token gains and value swaps stay inside fused attention (a logit bias, new value rows); only map
+        # bends and probes need the probabilities themselves. Where every bend's gate is 0 the plain
+        # result is kept, so mix 0 stays bit-identical.
+        v2, bias = v, None
         for b in bends:
             v2 = b.bend_values(layer, step, v2)
-        for b in bends:
-            p = b.bend_probs(layer, step, p, grid)
-        out = torch.einsum("bhnt,bthd->bnhd", p.to(v2.dtype), v2)
+            bias = b.logit_bias(layer, step, bias)
+        if any(b.needs_probs for b in bends) or probes:
+            logits = torch.einsum("bnhd,bthd->bhnt", q, k).to(torch.promote_types(q.dtype, torch.float32))
+            logits = logits * q.shape[-1] ** -0.5
+            p = (logits if bias is None else logits + bias).softmax(dim=-1)
+            for pr in probes:
+                pr.record(layer, step, p, grid)
+            if not bends:
+                return plain
+            for b in bends:
+                p = b.bend_probs(layer, step, p, grid)
+            out = torch.einsum("bhnt,bthd->bnhd", p.to(v2.dtype), v2)
+        else:
+            mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v2.transpose(1, 2),
+                                                 attn_mask=mask).transpose(1, 2)
         active = torch.stack([b.active(layer, step) for b in bends]).any()
         return torch.where(active, out.to(plain.dtype), plain)
 
