@@ -29,11 +29,15 @@ def cache_dir() -> Path:
 
 
 def fastest_attention():
-    """SDPA backends in order of preference on this machine (cuDNN's fused attention leads on Hopper)."""
+    """SDPA backends in order of preference (INSTRUMENT_ATTENTION=cudnn|flash|efficient puts one first)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
              SDPBackend.MATH]
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(os.environ.get("INSTRUMENT_ATTENTION", ""))
+    if first is not None:
+        order = [first] + [b for b in order if b != first]
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priority order, let it choose among these
