@@ -251,3 +251,23 @@ def test_play_in_a_window_with_keys(patch_dir, tmp_path, xdisplay):
     assert s["actions"] == {"patch": 2, "panic": 1} and s["patch"] == "one"
     assert s["params"]["bend/a/mix"] == 0.5  # patch one as written: the panic was on patch two
     assert s["frames_shown"] > 0
+
+
+def test_probe_view_shows_a_words_cross_attention(tmp_path):
+    from instrument.control.events import ControlEvent
+    from instrument.engine.stream import Engine
+    from instrument.stage.live import LiveShow, PatchList
+
+    engine = Engine.load(device="cpu")
+    stream = engine.stream("a red fox in the snow", seed=1, size=(64, 64))
+    show = LiveShow(engine, stream, patches=PatchList(), save_dir=tmp_path, log=lambda line: None)
+    assert show.probe_map() is None
+    show.handle_event(ControlEvent("osc", "osc", 2.0, 0.0, address="/probe/word"))  # the third word
+    show.apply_pending()
+    stream.next()
+    m = show.probe_map()
+    assert m.shape == (stream.grid.height, stream.grid.width) and float(m.max()) == 1.0 and float(m.min()) >= 0
+    assert show.probe.token_w.nonzero().flatten().tolist() == stream.prompt.positions("fox")
+    show.handle_event(ControlEvent("osc", "osc", 0.0, 0.0, address="/probe"))
+    show.apply_pending()
+    assert show.probe_map() is None and not engine.dit.bends.probes

@@ -179,6 +179,8 @@ class LiveShow:
         self.changes: Counter = Counter()  # parameter changes by source
         self.applied: Counter = Counter()  # show actions applied (prompt, patch, morph, save, panic)
         self.warnings = 0
+        self.probe = None  # the armed cross-attention probe of the probe view (A), if any
+        self.probe_word = 0  # which word of prompt A it shows
         self.params.on_change(self._count)
 
     def _count(self, name: str, value: float, source: str) -> None:
@@ -302,11 +304,45 @@ class LiveShow:
         if new:
             self.log(str(message))
 
+    # -- the probe view ---------------------------------------------------------------------------
+    def set_probe_view(self, on: bool, word: int | None = None) -> None:
+        """Show (or hide) a word's cross-attention map over the picture; armed between chunks."""
+        self._queue("probe", ("probe", bool(on), self.probe_word if word is None else int(word)))
+
+    def _apply_probe(self, on: bool, word: int) -> None:
+        from ..bends.probe import Probe
+
+        words = [w for w, _ in self.stream.prompt.words]
+        self.probe_word = word % len(words) if words else 0
+        if not on or not words:
+            self.probe = None
+            self.engine.set_probes([])
+            return
+        self.probe = Probe("cross.map", self.engine.dims, self.engine.device, tokens=words[self.probe_word])
+        self.engine.set_probes([self.probe])
+        self.warn(f"probe view: cross-attention of '{words[self.probe_word]}'")
+
+    def probe_map(self):
+        """The probe view's map [H, W] in 0..1 after a chunk (render thread), or None when off."""
+        if self.probe is None:
+            return None
+        m = self.probe.result().mean(dim=0)
+        return m / m.max().clamp_min(1e-12)
+
     # -- more control: OSC addresses and keys the Show protocol has no method for -------------
     def handle_event(self, event) -> bool:
-        """OSC /patch/morph/to <index>, /patch/morph/next, /patch/morph/prev; keys M, 1-9, 0."""
+        """OSC /patch/morph/to <index>, /patch/morph/next, /patch/morph/prev, /probe 0|1, /probe/word N;
+        keys M, 1-9, 0, '.' (next word in the probe view)."""
         if event.source == "osc":
             addr = event.address
+            if addr in ("/probe", "/probe/word"):
+                if not math.isfinite(event.value):
+                    return False
+                if addr == "/probe":
+                    self.set_probe_view(event.value >= 0.5)
+                else:
+                    self.set_probe_view(True, int(event.value))
+                return True
             if addr == "/patch/morph/to":
                 if not math.isfinite(event.value):
                     return False
@@ -323,6 +359,9 @@ class LiveShow:
             key = event.address.lstrip("_")
             if key == "M":
                 self.morph_to("+1")
+                return True
+            if key == "PERIOD" and self.probe is not None:
+                self.set_probe_view(True, self.probe_word + 1)
                 return True
             if key.isdigit():  # 1-9 the first nine patches, 0 the tenth
                 self.switch_patch((int(key) - 1) % 10)
@@ -358,6 +397,8 @@ class LiveShow:
                         self._apply_patch(req[1], req[2])
                     elif req[0] == "morph":
                         self._apply_morph(req[1], req[2])
+                    elif req[0] == "probe":
+                        self._apply_probe(req[1], req[2])
                 except UserError as e:
                     self.warn(f"{req[0]} refused: {e}; still playing '{self.patch_name}'")
                     self._wanted = self.index

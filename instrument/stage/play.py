@@ -158,6 +158,7 @@ class Play:
         self.compute_s = 0.0
         self.chunk_warnings = 0
         self.first_shown: float | None = None
+        self.latest_probe = None
 
     # -- set up ---------------------------------------------------------------------------
     def _open_window(self) -> None:
@@ -309,6 +310,9 @@ class Play:
             for w in chunk.warnings:
                 self.chunk_warnings += 1
                 self.show.warn(w)
+            probe = self.show.probe_map()
+            if probe is not None:
+                self.latest_probe = probe  # the present loop hands it to the window
             if not queue.put_chunk(chunk):
                 return
 
@@ -325,6 +329,7 @@ class Play:
             self._start_control(progress)
             if self.stage is not None:
                 self.stage.show = self.show
+                self.stage.on_probe = self.show.set_probe_view
                 self.stage.learn_target = self.hud.last_moved
                 self.stage.on_key = self.show.handle_event
             if args.record:
@@ -374,6 +379,9 @@ class Play:
                     self.stage.set_frame(frame)
                 if self.recorder is not None and self.recorder.recording:
                     self.recorder.write(frame)
+            probe, self.latest_probe = self.latest_probe, None
+            if probe is not None and self.stage is not None:
+                self.stage.set_probe(probe)
             if now >= next_hud:
                 next_hud = now + HUD_PERIOD
                 self._hud(pres, now)
