@@ -158,7 +158,8 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
         apply_patch(engine, parse_patch(args.patch_text, "bench", engine.dims), progress)
     else:
         engine.set_bends(BendSites.empty())
-    stream = engine.stream(args.prompt or BENCH_PROMPT, seed=args.seed, size=args.size, chunk=args.chunk)
+    stream = engine.stream(args.prompt or BENCH_PROMPT, seed=args.seed or 0, size=args.size, chunk=args.chunk,
+                           sink=args.sink, window=args.window)
     stream.sync_timing = True
     names = [s.name for s in engine.params.specs("bend/")]
     t_warm = time.perf_counter()

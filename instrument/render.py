@@ -11,6 +11,15 @@ from .errors import UserError
 from .progress import Progress
 
 FPS = 16  # Wan's own frame rate
+DEFAULT_PROMPT = "a red circle moving over a blue background"
+
+
+def prompt_and_seed(args, engine) -> tuple[str, int]:
+    """The command line wins, then the patch, then the defaults."""
+    patch = getattr(engine, "patch", None)
+    prompt = args.prompt or (patch.prompt if patch is not None and patch.prompt else DEFAULT_PROMPT)
+    seed = args.seed if args.seed is not None else (patch.seed if patch is not None and patch.seed is not None else 0)
+    return prompt, seed
 
 
 def add_engine_arguments(p) -> None:
@@ -22,8 +31,11 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="frame size, multiples of 16")
     p.add_argument("--chunk", type=int, choices=(1, 3), default=3, help="latent frames per chunk")
-    p.add_argument("--prompt", default="a red circle moving over a blue background")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sink", type=int, default=3, help="latent frames kept for ever in the KV cache (default 3)")
+    p.add_argument("--window", type=int, default=12,
+                   help="latent frames of the rolling KV window, the current chunk included (default 12)")
+    p.add_argument("--prompt", default=None, help=f"prompt (default: the patch's, else '{DEFAULT_PROMPT}')")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the patch's, else 0)")
     p.add_argument("--patch", metavar="FILE", help="performance patch (TOML) with bends")
 
 
@@ -66,7 +78,8 @@ def run(args) -> int:
         raise UserError("ffmpeg not found on PATH (install it: apt-get install ffmpeg)")
     progress = Progress()
     engine = engine_from_args(args, progress)
-    stream = engine.stream(args.prompt, seed=args.seed, size=args.size, chunk=args.chunk)
+    prompt, seed = prompt_and_seed(args, engine)
+    stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk, sink=args.sink, window=args.window)
     w, h = stream.settings.width, stream.settings.height
     writer = VideoWriter(out, w, h, FPS)
     written, start = 0, time.monotonic()

@@ -456,3 +456,61 @@ def test_cluster_targets_come_from_recorded_activations(rig):
     expected = cluster_mask(acts, 3, 1, seed=2)
     assert torch.equal(engine.dit.bends.bends[0].unit_w.bool(), expected.bool())
     engine.activations = None
+
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+              st.text(max_size=12), st.sampled_from(list(B.OPS) + ["all", "red", "0-3", "context", "left"])),
+    lambda inner: st.lists(inner, max_size=4), max_leaves=8)
+_KEYS = st.sampled_from(["name", "op", "layers", "steps", "heads", "tokens", "neurons", "channels", "frames",
+                         "region", "mix", "gain", "scale", "temperature", "with", "padding", "x", "seed", "size",
+                         "iterations", "renormalise", "max_tokens"])
+
+
+def _toml_value(v):
+    import json
+
+    if v is None:
+        return '""'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if v != v else ("inf" if v == float("inf") else "-inf" if v == float("-inf") else repr(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(_KEYS, _VALUES, max_size=6), max_size=4), st.text(max_size=40))
+def test_patch_parser_fuzz_raises_only_patch_errors(rig, bends, junk):
+    """Whatever a patch file holds, the parser answers with a PatchError (line + hint) or a patch."""
+    engine = rig[0]
+    text = "".join("[[bend]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in b.items()) for b in bends)
+    for candidate in (text, junk, text + junk):
+        try:
+            patch = parse_patch(candidate, dims=engine.dims)
+        except PatchError as e:
+            assert e.problems and all(str(p) for p in e.problems)
+            continue
+        bends_built = patch.build(engine.dims, "cpu")  # a patch that parses must also arm and run
+        assert len(bends_built) == len(patch.bends)
+        if bends_built:
+            sites = BendSites(bends_built)
+            grid = TokenGrid(1, 2, 2)
+            prompt = engine.text.encode("a red fox")
+            sites.load_values(engine.params, prompt, grid)
+            d = engine.dims
+            x = torch.randn(1, 4, d.dim)
+            sites.hidden(0, 0, x, grid)
+            sites.ffn_hidden(0, 0, torch.randn(1, 4, d.ffn))
+            sites.ffn_out(0, 0, x, grid)
+            q = torch.randn(1, 4, d.heads, d.dim // d.heads)
+            sites.self_query(0, 0, q)
+            sites.self_heads(0, 0, q, grid)
+            sites.self_out(0, 0, x, grid)
+            kv = torch.randn(1, d.text_len, d.heads, d.dim // d.heads)
+            sites.cross_attention(0, 0, q, kv, kv, grid)

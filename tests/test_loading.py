@@ -87,9 +87,10 @@ def test_checkpoint_in_original_layout_gives_the_frames_of_its_folder(default_fo
     a = tmp_path / "a.mp4"
     b = tmp_path / "b.mp4"
     r1 = run_cli("render", "--out", str(a), "--frames", "9", "--model", str(default_folder), "--checkpoint",
-                 str(ckpt), "--device", "cpu")
+                 str(ckpt), "--device", "cpu", "--size", "64x64")
     assert r1.returncode == 0, r1.stderr
-    r2 = run_cli("render", "--out", str(b), "--frames", "9", "--model", str(other_folder), "--device", "cpu")
+    r2 = run_cli("render", "--out", str(b), "--frames", "9", "--model", str(other_folder), "--device", "cpu",
+                 "--size", "64x64")
     assert r2.returncode == 0, r2.stderr
     assert decoded_frames(a) == decoded_frames(b)
     assert "applying" in r1.stderr and "reading checkpoint" in r1.stderr  # progress shown

@@ -598,6 +598,17 @@ for _alias in ("hidden.translate", "hidden.rotate", "hidden.zoom", "hidden.flip"
 
 TARGET_KEYS = ("layers", "steps", "frames", "region")
 
+# Structural options: what each may hold (checked when a patch is read, so nothing fails on stage).
+OPTION_CHECKS = {
+    "padding": (lambda v: v in ops.PADDINGS, f"one of {', '.join(ops.PADDINGS)}"),
+    "renormalise": (lambda v: isinstance(v, bool), "true or false"),
+    "max_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer 1-64"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in (1, 3, 5, 7), "1, 3, 5 or 7"),
+    "iterations": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8, "an integer 1-8"),
+    "with": (lambda v: isinstance(v, str) and v.strip() != "", "a word of the prompt, in quotes"),
+}
+
 
 def allowed_keys(cls: type[Bend]) -> set[str]:
     keys = {"name", "op", *TARGET_KEYS, MIX.name, *(k.name for k in cls.knobs), *cls.options}

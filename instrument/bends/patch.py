@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .bend import MAX_FRAMES, OPS, Bend, Dims, allowed_keys, layer_spec, step_weights
+from .bend import MAX_FRAMES, OPS, OPTION_CHECKS, Bend, Dims, allowed_keys, layer_spec, step_weights
 from .targets import TargetError, parse_box, parse_indices
 
 TOP_KEYS = {"name", "description", "prompt", "prompt_b", "blend", "seed", "bend", "mapping", "modulator",
@@ -153,6 +153,12 @@ def _check_bend(i: int, b: dict, names: set, find, dims: Dims | None) -> list[Pa
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not knob.lo <= v <= knob.hi:
                 out.append(PatchProblem(find(knob.name, i), f"bend '{name}': {knob.name} = {v!r} outside "
                                         f"{knob.lo}..{knob.hi}"))
+    for key in cls.options:
+        ok, expected = OPTION_CHECKS[key]
+        if key in b and not ok(b[key]):
+            out.append(PatchProblem(find(key, i), f"bend '{name}': {key} = {b[key]!r} is not {expected}"))
+    if cls is OPS.get("cross.swap") and "with" not in b:
+        out.append(PatchProblem(line, f"bend '{name}': cross.swap needs the word to swap in", 'with = "cat"'))
     if "mix" in b and (not isinstance(b["mix"], (int, float)) or not 0 <= b["mix"] <= 1):
         out.append(PatchProblem(find("mix", i), f"bend '{name}': mix = {b['mix']!r} outside 0..1"))
     if dims is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..progress import Progress
-from ..render import add_engine_arguments, engine_from_args
+from ..render import add_engine_arguments, engine_from_args, prompt_and_seed
 
 HUD_PERIOD = 0.25  # seconds between HUD redraws: text layout is the expensive part
 TICK = 0.01  # longest sleep of the present loop: the Router's smoothers want ~100 ticks a second
@@ -199,9 +199,10 @@ class Play:
         first, index = None, -1
         if patches.paths():
             first, index = load_patch(patches.paths()[0], engine.dims), 0
-        prompt = first.prompt if first is not None and first.prompt else args.prompt
-        seed = first.seed if first is not None and first.seed is not None else args.seed
-        stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk)
+        engine.patch = first
+        prompt, seed = prompt_and_seed(args, engine)
+        stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk, sink=args.sink,
+                               window=args.window)
         mappings = []
         for m in args.mapping:
             try:
