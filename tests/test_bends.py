@@ -514,3 +514,45 @@ def test_patch_parser_fuzz_raises_only_patch_errors(rig, bends, junk):
             sites.self_out(0, 0, x, grid)
             kv = torch.randn(1, d.text_len, d.heads, d.dim // d.heads)
             sites.cross_attention(0, 0, q, kv, kv, grid)
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_cross_map_against_the_explicit_float64_computation(renormalise):
+    """The column-correction path equals bending the full probability matrix and multiplying it out."""
+    from instrument.bends import ops
+    from instrument.params import ParamSpace
+
+    torch.manual_seed(3)
+    dims = B.Dims(layers=1, heads=2, dim=8, ffn=4, text_len=7)
+    grid = TokenGrid(2, 3, 4)
+
+    class P:
+        text, length = "a red fox", 4
+
+        @staticmethod
+        def positions(word):
+            return {"red": [1], "fox": [2]}.get(word, [])
+
+    spec = {"tokens": "red, fox", "scale": 1.7, "degrees": 25.0, "dx": 0.2, "sharpen": 0.8, "amplify": 2.0,
+            "mix": 0.7, "renormalise": renormalise, "max_tokens": 3}
+    b = B.CrossMap("m", spec, dims, "cpu")
+    b.load_values(ParamSpace(), P, grid)
+    n = grid.tokens
+    q = torch.randn(1, n, 2, 4, dtype=torch.float64)
+    k = torch.randn(1, 7, 2, 4, dtype=torch.float64)
+    v = torch.randn(1, 7, 2, 4, dtype=torch.float64)
+    out = BendSites([b]).cross_attention(0, 0, q, k, v, grid)
+
+    p = torch.einsum("nhd,thd->hnt", q[0], k[0]).div(2.0).softmax(-1)  # [heads, N, T]
+    maps = p[:, :, [1, 2]].permute(0, 2, 1).reshape(2, 2, 2, 3, 4)  # [heads, K, F, H, W]
+    bent = ops.sharpen(ops.amplify(ops.transform(maps, scale=1.7, degrees=25.0, dx=0.2), 2.0), 0.8,
+                       padding="border")
+    mixed = maps + 0.7 * (bent.to(torch.float32).double() - maps)
+    ref = p.clone()
+    ref[:, :, [1, 2]] = mixed.reshape(2, 2, n).permute(0, 2, 1)
+    if renormalise:
+        ref = ref.clamp_min(0)
+        ref = ref / ref.sum(-1, keepdim=True)
+    expected = torch.einsum("hnt,thd->nhd", ref, v[0])
+    # the bend's knobs and resampling grid are float32 (device tensors): float32-level agreement
+    torch.testing.assert_close(out[0], expected, rtol=2e-5, atol=2e-5)

@@ -316,7 +316,7 @@ class CrossBend(Bend):
         """Whether this bend changes anything at this pass (0-d bool, on the device)."""
         return self.gate(layer, step) > 0
 
-    needs_probs = False  # True for bends that reshape the attention probabilities themselves
+    needs_probs = False  # True for bends that reshape attention probabilities (they define bend_columns)
 
     def bend_values(self, layer, step, v):
         return v
@@ -324,8 +324,6 @@ class CrossBend(Bend):
     def logit_bias(self, layer, step, bias):
         return bias
 
-    def bend_probs(self, layer, step, p, grid):
-        return p
 
 
 class CrossGain(CrossBend):
@@ -390,8 +388,8 @@ class CrossMap(CrossBend):
         self.slot_index.copy_(index.to(self.device), non_blocking=True)
         self.slot_w.copy_(weight.to(self.device), non_blocking=True)
 
-    def bend_probs(self, layer, step, p, grid):
-        cols = p.index_select(-1, self.slot_index)  # [B, heads, N, K]
+    def bend_columns(self, layer, step, cols, grid):
+        """The chosen tokens' probabilities [B, heads, N, K] (one map per slot) -> their bent values."""
         maps = ops.attn_to_maps(cols, grid.frames, grid.height, grid.width)  # [B, heads, K, F, H, W]
         bent = ops.amplify(warp_and_blur(self, maps), self.k("amplify"))
         bent = ops.sharpen(bent, self.k("sharpen"), padding="border")
@@ -399,9 +397,9 @@ class CrossMap(CrossBend):
             box = torch.stack([self.k("x0"), self.k("y0"), self.k("x1"), self.k("y1")])
             bent = ops.region(bent, box, self.k("feather"), self.k("inside"))
         w = self.gate(layer, step) * self.slot_w.view(-1, 1, 1, 1) * self.frame_w.view(1, -1, 1, 1)
-        mixed = ops.maps_to_attn(self.finish(maps, bent, w.to(maps.dtype)))
-        out = p.index_copy(-1, self.slot_index, mixed)
-        return ops.renormalise(out, dim=-1) if self.option["renormalise"] else out
+        new = ops.maps_to_attn(self.finish(maps, bent, w.to(maps.dtype)))
+        # renormalising needs probabilities: negative values (sharpening overshoots) become 0 first
+        return new.clamp_min(0) if self.option["renormalise"] else new
 
 
 class CrossSwap(CrossBend):

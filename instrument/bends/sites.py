@@ -79,28 +79,43 @@ class BendSites:
         plain = sdpa(q, k, v)
         if not bends and not probes:
             return plain
-        # Token gains and value swaps stay inside fused attention (a logit bias, new value rows); only map
-        # bends and probes need the probabilities themselves. Where every bend's gate is 0 the plain
-        # result is kept, so mix 0 stays bit-identical.
+        # Token gains and value swaps stay inside fused attention (a logit bias, new value rows).
         v2, bias = v, None
         for b in bends:
             v2 = b.bend_values(layer, step, v2)
             bias = b.logit_bias(layer, step, bias)
-        if any(b.needs_probs for b in bends) or probes:
-            logits = torch.einsum("bnhd,bthd->bhnt", q, k).to(torch.promote_types(q.dtype, torch.float32))
-            logits = logits * q.shape[-1] ** -0.5
-            p = (logits if bias is None else logits + bias).softmax(dim=-1)
-            for pr in probes:
-                pr.record(layer, step, p, grid)
-            if not bends:
-                return plain
-            for b in bends:
-                p = b.bend_probs(layer, step, p, grid)
-            out = torch.einsum("bhnt,bthd->bnhd", p.to(v2.dtype), v2)
+        if v2 is v and bias is None:
+            out = plain
         else:
             mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v2.transpose(1, 2),
                                                  attn_mask=mask).transpose(1, 2)
+        maps = [b for b in bends if b.needs_probs]
+        if maps or probes:
+            # Probabilities only where needed: the log-normaliser of every row, then the few chosen
+            # columns. Bending columns S of P (and renormalising) changes the output by
+            # sum_S (P'_s - P_s) v_s, divided by the new row sum 1 + sum_S (P'_s - P_s).
+            logits = torch.einsum("bnhd,bthd->bhnt", q, k).to(torch.promote_types(q.dtype, torch.float32))
+            logits = logits * q.shape[-1] ** -0.5
+            if bias is not None:
+                logits = logits + bias
+            lse = logits.logsumexp(dim=-1, keepdim=True)
+            if probes:
+                p = (logits - lse).exp()
+                for pr in probes:
+                    pr.record(layer, step, p, grid)
+            if maps:
+                num = out.transpose(1, 2).to(logits.dtype)  # [B, heads, N, D]
+                z = torch.ones_like(lse)
+                for b in maps:
+                    cols = (logits.index_select(-1, b.slot_index) - lse).exp()  # [B, heads, N, K]
+                    delta = b.bend_columns(layer, step, cols, grid) - cols
+                    num = num + delta @ v2.index_select(1, b.slot_index).transpose(1, 2).to(delta.dtype)
+                    if b.option["renormalise"]:
+                        z = z + delta.sum(dim=-1, keepdim=True)
+                out = (num / z.clamp_min(1e-6)).transpose(1, 2)
+        if not bends:
+            return plain
         active = torch.stack([b.active(layer, step) for b in bends]).any()
         return torch.where(active, out.to(plain.dtype), plain)
 

@@ -115,12 +115,14 @@ class PassRunner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), self.attention():
             for i in range(2):  # compile and settle allocations; writes the same cache slots the pass will
-                if i == 1 and os.environ.get("INSTRUMENT_SYNC_DEBUG"):
+                debug = i == 1 and bool(os.environ.get("INSTRUMENT_SYNC_DEBUG"))
+                if debug:
                     torch.cuda.set_sync_debug_mode("error")  # name the op that would break the capture
                 try:
                     self.dit(*args)
                 finally:
-                    torch.cuda.set_sync_debug_mode(0)
+                    if debug:
+                        torch.cuda.set_sync_debug_mode(0)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), self.attention():
