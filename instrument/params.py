@@ -25,6 +25,17 @@ class UnknownParam(ParamError, KeyError):
         return self.args[0] if self.args else ""
 
 
+def finite_value(name: str, value) -> float:
+    """A performer's value as a float, or a ParamError saying why not (not a number, NaN, inf)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ParamError(f"{name}: not a number: {value!r}") from None
+    if not math.isfinite(v):
+        raise ParamError(f"{name}: refused non-finite value {v}")
+    return v
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
@@ -112,12 +123,7 @@ class ParamSpace:
         `arrived` is the monotonic time the control event reached the instrument: the render loop
         uses it to measure knob-to-photon latency.
         """
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ParamError(f"{name}: not a number: {value!r}") from None
-        if not math.isfinite(v):
-            raise ParamError(f"{name}: refused non-finite value {v}")
+        v = finite_value(name, value)
         with self._lock:
             slot = self._slots.get(name)
             if slot is None:

@@ -12,7 +12,7 @@ where w is 0 the tensor passes bit-identical, so mix 0 is exactly the unbent str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import math
 
@@ -25,16 +25,9 @@ from .targets import TargetError, parse_box, parse_indices, target_weights
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class Knob:
-    """A continuous parameter of an operation: becomes 'bend/<bend>/<knob>' in the parameter space."""
-
-    name: str
-    lo: float
-    hi: float
-    default: float
-    unit: str = ""
-    doc: str = ""
+# A continuous parameter of an operation, named by its short name ("temperature"); in the parameter
+# space it becomes "bend/<bend>/<knob>".
+Knob = ParamSpec
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ class Bend:
 
     # -- structure ----------------------------------------------------------------------------
     def specs(self) -> list[ParamSpec]:
-        return [ParamSpec(f"bend/{self.name}/{k.name}", k.lo, k.hi, float(self.values[i]), k.unit, k.doc)
+        return [replace(k, name=f"bend/{self.name}/{k.name}", default=float(self.values[i]))
                 for i, k in enumerate(self.all_knobs)]
 
     def _index(self, knob: str) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tomli_w
 
-from ..params import ParamError, ParamSpace, ParamSpec, UnknownParam
+from ..params import ParamSpace, ParamSpec, UnknownParam, finite_value
 from .events import ControlEvent
 from .modulators import Envelope, EnvelopeSpec, LFO, LFOSpec, SHAPES, Tempo
 from .smoothing import CURVES, SMOOTHERS, TAKEOVERS, Curve, Smoothing, Takeover
@@ -716,12 +716,7 @@ class Router:
     def set_target(self, name: str, value, arrived: float | None = None, source: str = "") -> float:
         """Aim a parameter at `value` (its units); written on the next tick, smoothed if the
         mapping asks for it. Raises ParamError (UnknownParam) like ParamSpace.set."""
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ParamError(f"{name}: not a number: {value!r}") from None
-        if not math.isfinite(v):
-            raise ParamError(f"{name}: refused non-finite value {v}")
+        v = finite_value(name, value)
         with self._lock:
             self._resolve()
             spec = self.params.spec(name)  # raises UnknownParam

@@ -114,12 +114,7 @@ class MidiInput:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._lock:
-            for p in self._ports.values():
-                p.close()
-            self._ports.clear()
-            if self._virtual is not None:
-                self._virtual.close()
-                self._virtual = None
+            self._close_ports()
             if self._scanner is not None:
                 try:
                     self._scanner.delete()
@@ -198,14 +193,17 @@ class MidiInput:
                 self._ports[name] = port
                 self.notices(f"open:{name}", f"MIDI in: {name}")
 
-    def _unavailable(self, err: BaseException) -> None:
-        self.available = False
+    def _close_ports(self) -> None:
         for p in self._ports.values():
             p.close()
         self._ports.clear()
         if self._virtual is not None:
             self._virtual.close()
             self._virtual = None
+
+    def _unavailable(self, err: BaseException) -> None:
+        self.available = False
+        self._close_ports()
         self._scanner = None
         if not self._said_unavailable:
             self._said_unavailable = True
