@@ -556,3 +556,34 @@ def test_cross_map_against_the_explicit_float64_computation(renormalise):
     expected = torch.einsum("hnt,thd->nhd", ref, v[0])
     # the bend's knobs and resampling grid are float32 (device tensors): float32-level agreement
     torch.testing.assert_close(out[0], expected, rtol=2e-5, atol=2e-5)
+
+
+def test_compiled_block_serves_every_layer_and_pass_with_the_same_result(rig):
+    """The GPU path's regional compilation, on the CPU: one compile for all layers and passes of the
+    steady state (layer and step as device tensors), knobs moving, same latents as eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from instrument.engine.graphs import PassRunner
+
+    engine, kw, _ = rig
+    eager = run(engine, kw, chunks=6, patch=ALL_OPS)
+    apply_patch(engine, parse_patch(ALL_OPS, dims=engine.dims))  # fresh bends: ffn.noise starts its seed again
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    saved = engine.runner
+    engine.runner = PassRunner(engine.dit, "cpu", compile=True, graphs=False, backend=counter)
+    try:
+        s = engine.stream(PROMPT, seed=3, **kw)
+        got = [s.next() for _ in range(6)]
+        assert counter.frame_count == 1, counter.frame_count
+        for spec in engine.params.specs("bend/"):
+            engine.params.set(spec.name, spec.lo + 0.3 * (spec.hi - spec.lo))
+        s.next()
+        assert counter.frame_count == 1
+    finally:
+        engine.runner = saved
+        engine.dit.run_block = engine.dit.block
+        torch._dynamo.reset()
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(b.latents, a.latents, rtol=1e-5, atol=1e-5)

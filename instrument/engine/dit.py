@@ -166,7 +166,8 @@ class StreamingDiT(torch.nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.out_channels = cfg.out_channels
         self.bends = bends if bends is not None else BendSites.empty()
-        self.run_block = self.block  # instrument/engine/graphs.py swaps in a compiled block
+        self.run_block = self.block  # instrument/engine/graphs.py swaps in a compiled block ...
+        self.layer_ids: list[torch.Tensor] = []  # ... which takes the layer index as a device tensor
 
     # -- once per prompt ------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +195,7 @@ class StreamingDiT(torch.nn.Module):
         temb = m.condition_embedder.time_embedder(e).type_as(x)
         e6 = m.condition_embedder.time_proj(m.condition_embedder.act_fn(temb)).unflatten(1, (6, -1))
 
-        layers = getattr(self, "layer_ids", None) or range(self.layers)
+        layers = range(self.layers) if self.run_block == self.block else self.layer_ids
         for i, blk in enumerate(m.blocks):
             x = self.run_block(layers[i], blk, x, e6, prompt.k[i], prompt.v[i], cache.layer(i), rope, step, grid)
 

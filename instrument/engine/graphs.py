@@ -47,7 +47,8 @@ def fastest_attention():
 class PassRunner:
     """Runs DiT passes eagerly, compiled, or replayed from captured CUDA graphs."""
 
-    def __init__(self, dit, device, compile: bool = True, graphs: bool = True, progress=None):
+    def __init__(self, dit, device, compile: bool = True, graphs: bool = True, progress=None,
+                 backend="inductor"):
         self.dit = dit
         self.device = torch.device(device)
         self.progress = progress or (lambda m: None)
@@ -68,7 +69,7 @@ class PassRunner:
             for knob in ("recompile_limit", "cache_size_limit"):
                 if hasattr(cfg, knob):
                     setattr(cfg, knob, max(getattr(cfg, knob), 64))
-            self.compiled_block = torch.compile(dit.block, dynamic=False)
+            self.compiled_block = torch.compile(dit.block, dynamic=False, backend=backend)
             dit.layer_ids = [torch.tensor([i], device=self.device) for i in range(dit.layers)]
         self.step_ids: dict[int, torch.Tensor] = {}
 
