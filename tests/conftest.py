@@ -7,12 +7,14 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def need_tool(name: str) -> None:
-    """Skip when a tool is missing on a developer's machine; in CI (CI=true) a missing tool is a failure."""
-    if shutil.which(name) is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI but not installed")
+def need_tool(name: str) -> str:
+    """A tool's path. Skip when it is missing on a developer's machine; in CI (CI set) that is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but not installed (.ci/run installs it)")
         pytest.skip(f"{name} not installed")
+    return path
 
 
 @pytest.fixture(scope="session")

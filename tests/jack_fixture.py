@@ -6,13 +6,14 @@ Import the fixtures into a test module:  from jack_fixture import jack_server, M
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
+
+from conftest import need_tool
 
 # The sender: a separate process with its own JACK client, driven line by line on stdin:
 #   open <client> <port>   create a virtual output port
@@ -43,19 +44,10 @@ for line in sys.stdin:
 """
 
 
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is required in CI (apt-get install jackd2)")
-        pytest.skip(f"{tool} not installed")
-    return path
-
-
 @pytest.fixture(scope="session")
 def jack_server():
     """Start `jackd -d dummy` under a unique server name; yields the name."""
-    jackd = _need("jackd")
+    jackd = need_tool("jackd")
     name = f"instr-test-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, JACK_DEFAULT_SERVER=name, JACK_NO_AUDIO_RESERVATION="1",
                JACK_NO_START_SERVER="1")

@@ -1,6 +1,5 @@
 """The bend engine in the stream: identity at mix 0, exact targeting, references, live data, NaN guard."""
 
-import copy
 import math
 
 import pytest

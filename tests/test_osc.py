@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -25,6 +23,7 @@ from pythonosc.udp_client import SimpleUDPClient
 from instrument.control.events import ControlEvent
 from instrument.control.osc import WARN_INTERVAL, OscServer, build_message
 from instrument.params import ParamSpace, ParamSpec
+from conftest import need_tool
 
 SPECS = [
     ParamSpec("bend/melt/mix", 0.0, 1.0, 0.0, doc="how much of the melt bend"),
@@ -124,16 +123,6 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def need_tool(name: str) -> str:
-    """Path of a command-line tool; in CI a missing tool fails the test instead of skipping."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 # -- fixtures ---------------------------------------------------------------------------------

@@ -1,0 +1,604 @@
+"""Train the sketch model: the codec, then a small causal Wan DiT, on procedural clips made on the fly.
+
+    python -m instrument.sketch.train --out runs/sketch --minutes 25 --device cuda
+    python -m instrument.sketch.train --out runs/sketch --minutes 25 --device cuda --resume   # continue
+
+Stage 1 trains the codec (instrument/sketch/codec.py) to reconstruct clips, then measures its latents'
+per-channel mean and std so the DiT sees unit-scale latents. Stage 2 freezes the codec and trains the
+transformer (diffusers WanTransformer3DModel, small config) together with a small umT5 text encoder, by
+flow matching with block-causal attention over chunks of latent frames, laid out as the streaming engine
+runs it (instrument/engine/stream.py):
+
+- a sequence of S latent frames appears twice: clean (timestep 0, what the engine's clean pass writes into
+  the KV cache) and noised (each chunk at its own sigma, drawn from the engine's 4-step schedule);
+- a clean frame sees the clean frames of its own and earlier chunks; a noised chunk sees itself and the clean
+  frames of earlier chunks; both only within the engine's sink + rolling window (teacher forcing);
+- the loss is the flow-matching velocity error (noise - x0) on the noised tokens;
+- half the batches put a gap in time and in RoPE positions after the sink chunk, as a long stream's cache
+  does (sink frames at 0.., window frames hundreds of frames later), so nothing breaks when the stream is long.
+
+The budget --minutes counts training time over all runs of one --out folder; the codec gets
+`codec_fraction` of it. --codec-steps / --dit-steps fix the step counts instead (exact reproduction).
+Checkpoints (every --checkpoint-every steps and on exit, SIGINT/SIGTERM included) are written atomically
+into OUT/checkpoints/ as safetensors plus a JSON state; --resume continues from the latest, bit for bit:
+batches are a function of the step number, and noise comes from a generator saved with the checkpoint.
+The model lands in OUT/model/: transformer/, text_encoder/, tokenizer/, codec/, model_index.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine.dit import TokenGrid, rope_tables
+from ..engine.stream import SCHEDULE, SHIFT, warp
+from ..errors import UserError
+from ..progress import Progress
+from . import data
+from .codec import SPATIAL, TEMPORAL, Codec
+
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=128, freq_dim=64, ffn_dim=640, num_layers=8, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+TEXT_ENCODER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+CODEC = dict(widths=(24, 48), latent_width=96, z_dim=16)
+MAX_BYTES = 25 * 10**6
+
+
+@dataclass
+class Config:
+    size: int = 128
+    chunk: int = 3  # latent frames per chunk, as the engine streams
+    sink: int = 3
+    window: int = 12
+    latent_frames: int = 15  # per training sequence: the sink chunk and a full window
+    gap_prob: float = 0.5
+    max_gap: int = 240  # latent frames (960 video frames, one minute at 16 fps)
+    text_len: int = 32
+    transformer: dict = field(default_factory=lambda: dict(TRANSFORMER))
+    text_encoder: dict = field(default_factory=lambda: dict(TEXT_ENCODER))
+    codec: dict = field(default_factory=lambda: dict(CODEC))
+    codec_batch: int = 16
+    codec_frames: int = 17
+    codec_lr: float = 5e-4
+    codec_noise: float = 0.05  # latent noise while training the codec: a decoder that tolerates DiT errors
+    codec_fraction: float = 0.2
+    dit_batch: int = 32
+    dit_lr: float = 3e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """A few-second CPU config for tests and smoke runs."""
+        return cls(size=32, chunk=2, sink=2, window=4, latent_frames=6, max_gap=8, text_len=16,
+                   transformer=dict(TRANSFORMER, num_attention_heads=2, attention_head_dim=12, text_dim=16,
+                                    freq_dim=16, ffn_dim=32, num_layers=2),
+                   text_encoder=dict(TEXT_ENCODER, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2),
+                   codec=dict(widths=(8, 8), latent_width=16, z_dim=16),
+                   codec_batch=2, codec_frames=5, dit_batch=2, warmup=5, ema=0.9, codec_lr=3e-3, dit_lr=3e-3)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Config":
+        obj = dict(obj)
+        obj["codec"] = dict(obj["codec"], widths=tuple(obj["codec"]["widths"]))
+        obj["transformer"] = dict(obj["transformer"], patch_size=tuple(obj["transformer"]["patch_size"]))
+        return cls(**obj)
+
+
+# -- text -------------------------------------------------------------------------------------------------
+def build_tokenizer(text_len: int):
+    """Word-level tokenizer: the caption vocabulary first, then the embedded default's words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from ..engine.default import WORDS
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in [*data.vocabulary(), *WORDS]:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=text_len)
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], text_len: int, device) -> torch.Tensor:
+    """As the engine's PromptEncoder: pad to text_len, encode with the mask, zero what follows the prompt."""
+    batch = tokenizer(captions, padding="max_length", max_length=text_len, truncation=True,
+                      return_attention_mask=True, return_tensors="pt")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+# -- block-causal teacher forcing -------------------------------------------------------------------------
+def teacher_forcing_mask(frames: int, chunk: int, sink: int, window: int) -> torch.Tensor:
+    """[2F, 2F] frame-level mask over (clean frames, noised frames): True where a query may attend."""
+    idx = torch.arange(frames)
+    c = idx // chunk
+    end = (c + 1) * chunk
+    start = c * chunk
+    g = idx.view(1, -1)
+    in_window = (g < sink) | (g >= (end - window).view(-1, 1))
+    clean_clean = (g < end.view(-1, 1)) & in_window
+    noised_clean = (g < start.view(-1, 1)) & in_window
+    noised_noised = c.view(-1, 1) == c.view(1, -1)
+    top = torch.cat([clean_clean, torch.zeros(frames, frames, dtype=torch.bool)], dim=1)
+    bottom = torch.cat([noised_clean, noised_noised], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+class _MaskedSelfAttention:
+    """diffusers' Wan attention with the block-causal mask on self-attention (cross-attention unmasked)."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.inner = WanAttnProcessor()
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        mask = self.mask if encoder_hidden_states is None else None
+        return self.inner(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+
+
+def frame_positions(frames: int, sink: int, gap: int) -> list[tuple[int, int]]:
+    """(first absolute frame, frames) runs: the sink at 0, the rest `gap` frames later."""
+    runs = [(0, min(sink, frames))]
+    if frames > sink:
+        runs.append((sink + gap, frames - sink))
+    return runs
+
+
+def teacher_forcing_forward(model, processor: _MaskedSelfAttention, clean, noised, sigmas_per_frame, text,
+                            cfg: Config, gap: int) -> torch.Tensor:
+    """Velocity for the noised frames [B, C, F, h, w], given the clean frames as block-causal context."""
+    b, _, frames, h, w = clean.shape
+    pt, ph, pw = model.config.patch_size
+    grid_h, grid_w = h // ph, w // pw
+    tpf = grid_h * grid_w
+    head_dim = model.config.attention_head_dim
+    dev = clean.device
+    cos, sin = zip(*(rope_tables(TokenGrid(n, grid_h, grid_w), first, head_dim, device=dev)
+                     for first, n in frame_positions(frames, cfg.sink, gap)))
+    rope_dtype = torch.float64 if clean.dtype == torch.float64 else torch.float32
+    cos, sin = torch.cat(cos, dim=1).to(rope_dtype), torch.cat(sin, dim=1).to(rope_dtype)
+    rope = (torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1))
+    mask = teacher_forcing_mask(frames, cfg.chunk, cfg.sink, cfg.window)
+    processor.mask = mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(dev)
+
+    seq = torch.cat([clean, noised], dim=2)
+    x = model.patch_embedding(seq.to(model.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+    t_frames = torch.cat([torch.zeros_like(sigmas_per_frame), sigmas_per_frame], dim=1) * 1000.0  # [B, 2F]
+    n = 2 * frames * tpf
+    timestep = t_frames.repeat_interleave(tpf, dim=1)
+    temb, tproj, enc, _ = model.condition_embedder(timestep.flatten(), text.to(x.dtype), None, timestep_seq_len=n)
+    tproj = tproj.unflatten(2, (6, -1))
+    for blk in model.blocks:
+        x = blk(x, enc, tproj, rope)
+    shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+    x = (model.norm_out(x.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x)
+    x = model.proj_out(x)[:, frames * tpf:]
+    x = x.reshape(b, frames, grid_h, grid_w, pt, ph, pw, -1)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+# -- the trainer -----------------------------------------------------------------------------------------
+def _rng_to_str(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def _rng_from_str(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+class Trainer:
+    STAGES = ("codec", "dit", "done")
+
+    def __init__(self, out: str | Path, config: Config, device="cpu", progress=None):
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        self.out = Path(out)
+        self.cfg = config
+        self.device = torch.device(device)
+        self.progress = progress or Progress()
+        self.tokenizer = build_tokenizer(config.text_len)
+        saved = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(config.seed)
+            self.codec = Codec(**config.codec).to(self.device)
+            self.transformer = WanTransformer3DModel(**config.transformer).to(self.device)
+            self.text_encoder = UMT5EncoderModel(
+                UMT5Config(vocab_size=len(self.tokenizer), **config.text_encoder)).to(self.device)
+        finally:
+            torch.random.set_rng_state(saved)
+        self.processor = _MaskedSelfAttention()
+        for blk in self.transformer.blocks:
+            blk.attn1.set_processor(self.processor)
+        self.ema = {k: v.detach().clone() for k, v in self._dit_params().items()}
+        self.codec_opt = torch.optim.AdamW(self.codec.parameters(), lr=config.codec_lr, weight_decay=0.0)
+        self.dit_opt = torch.optim.AdamW(list(self.transformer.parameters()) + list(self.text_encoder.parameters()),
+                                         lr=config.dit_lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + 1)
+        self.stage = "codec"
+        self.steps = {"codec": 0, "dit": 0}
+        self.elapsed = {"codec": 0.0, "dit": 0.0}
+        self.losses: list[float] = []
+        self.sigmas = torch.tensor([warp(t, SHIFT) for t in SCHEDULE], device=self.device)
+        self.autocast = self.device.type == "cuda"
+
+    # -- batches: a function of (seed, stage, step) only --------------------------------------------------
+    def _specs(self, stage: int, step: int, count: int):
+        base = (self.cfg.seed * 1_000_003 + stage) * 2**40 + step * count
+        return [data.sample(base + j) for j in range(count)]
+
+    def codec_batch(self, step: int) -> torch.Tensor:
+        specs = self._specs(1, step, self.cfg.codec_batch)
+        start = float(np.random.default_rng([self.cfg.seed, 1, step]).uniform(0.0, 30.0))
+        return data.render(specs, data.clip_times(self.cfg.codec_frames, start), self.cfg.size, self.device)
+
+    def dit_batch(self, step: int):
+        """(clean latents [B, 16, S, h, w], captions, gap): a step's clips through the frozen codec."""
+        cfg = self.cfg
+        specs = self._specs(2, step, cfg.dit_batch)
+        rng = np.random.default_rng([cfg.seed, 2, step])
+        gap = int(rng.integers(1, cfg.max_gap // cfg.chunk + 1)) * cfg.chunk if rng.random() < cfg.gap_prob else 0
+        n = 1 + TEMPORAL * (cfg.latent_frames - 1)
+        frames = torch.arange(n, dtype=torch.float32)
+        sink_end = 1 + TEMPORAL * (cfg.sink - 1)  # video frames of the sink's latent frames
+        times = torch.where(frames < sink_end, frames, frames + TEMPORAL * gap) / data.FPS
+        video = data.render(specs, times, cfg.size, self.device)
+        with torch.no_grad(), self._autocast():
+            latents = self.codec.encode(video).float()
+        return latents, [s.caption for s in specs], gap
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _lr_scale(self, step: int) -> float:
+        return min(1.0, (step + 1) / max(1, self.cfg.warmup))
+
+    # -- one step of each stage ---------------------------------------------------------------------------
+    def codec_loss(self, video: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            z = self.codec.encode_raw(video)
+            noisy = z + self.cfg.codec_noise * torch.randn(z.shape, generator=self.generator, device=z.device)
+            recon, _ = self.codec.decode_raw(noisy)
+        recon = recon.float()
+        return F.mse_loss(recon, video) + 0.5 * F.l1_loss(recon, video) + 1e-4 * z.float().pow(2).mean()
+
+    def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int) -> torch.Tensor:
+        cfg = self.cfg
+        b, _, frames = latents.shape[:3]
+        chunks = math.ceil(frames / cfg.chunk)
+        pick = torch.randint(0, len(self.sigmas), (b, chunks), generator=self.generator, device=self.device)
+        sigma = self.sigmas[pick].repeat_interleave(cfg.chunk, dim=1)[:, :frames]  # [B, F]
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        s = sigma.view(b, 1, frames, 1, 1)
+        noised = (1 - s) * latents + s * noise
+        with self._autocast():
+            text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
+            v = teacher_forcing_forward(self.transformer, self.processor, latents, noised, sigma, text, cfg, gap)
+        return F.mse_loss(v.float(), noise - latents)
+
+    def _step(self, loss, opt, params, step, base_lr):
+        for g in opt.param_groups:
+            g["lr"] = base_lr * self._lr_scale(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        opt.step()
+
+    def train_codec_step(self, video: torch.Tensor | None = None) -> float:
+        step = self.steps["codec"]
+        video = self.codec_batch(step) if video is None else video
+        self.codec.train()
+        loss = self.codec_loss(video)
+        self._step(loss, self.codec_opt, list(self.codec.parameters()), step, self.cfg.codec_lr)
+        self.steps["codec"] += 1
+        return float(loss.detach())
+
+    def train_dit_step(self, batch=None) -> float:
+        step = self.steps["dit"]
+        latents, captions, gap = self.dit_batch(step) if batch is None else batch
+        self.transformer.train()
+        self.text_encoder.train()
+        loss = self.dit_loss(latents, captions, gap)
+        params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+        self._step(loss, self.dit_opt, params, step, self.cfg.dit_lr)
+        self.steps["dit"] += 1
+        with torch.no_grad():
+            decay = min(self.cfg.ema, (1 + step) / (10 + step))
+            for k, p in self._dit_params().items():
+                self.ema[k].lerp_(p.detach(), 1 - decay)
+        return float(loss.detach())
+
+    def _dit_params(self) -> dict:
+        named = {f"transformer.{k}": p for k, p in self.transformer.named_parameters()}
+        named.update({f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()})
+        return named
+
+    def stat_videos(self, clips: int = 64):
+        """The fixed clips the latent statistics are measured on, 8 at a time."""
+        specs = [data.sample(10**12 + self.cfg.seed * 10**6 + j) for j in range(clips)]
+        for i in range(0, clips, 8):
+            yield data.render(specs[i:i + 8], data.clip_times(self.cfg.codec_frames), self.cfg.size, self.device)
+
+    @torch.no_grad()
+    def measure_latents(self, clips: int = 64) -> None:
+        """Per-channel mean and std of the codec's latents over fixed clips: the DiT's unit scale."""
+        self.codec.eval()
+        z = torch.cat([self.codec.encode_raw(v).float() for v in self.stat_videos(clips)])
+        z = z.transpose(0, 1).flatten(1)
+        self.codec.latent_mean.copy_(z.mean(1))
+        self.codec.latent_std.copy_(z.std(1).clamp(min=1e-4))
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _tensors(self) -> dict:
+        t = {f"codec.{k}": v for k, v in self.codec.state_dict().items()}
+        t.update({f"transformer.{k}": v for k, v in self.transformer.state_dict().items()})
+        t.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        t.update({f"ema.{k}": v for k, v in self.ema.items()})
+        for name, opt in (("codec_opt", self.codec_opt), ("dit_opt", self.dit_opt)):
+            for idx, st in opt.state_dict()["state"].items():
+                for key, val in st.items():
+                    t[f"{name}.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in t.items()}
+
+    def _json_state(self) -> dict:
+        return {
+            "stage": self.stage, "steps": self.steps, "elapsed": self.elapsed, "losses": self.losses[-1000:],
+            "generator": _rng_to_str(self.generator.get_state()),
+            "param_groups": {n: o.state_dict()["param_groups"] for n, o in
+                             (("codec_opt", self.codec_opt), ("dit_opt", self.dit_opt))},
+            "config": self.cfg.to_json(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write OUT/checkpoints/<stage>-<step>/ then point OUT/checkpoints/latest at it (each move atomic)."""
+        from safetensors.torch import save_file
+
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"{self.stage}-{self.steps['codec']:07d}-{self.steps['dit']:07d}"
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(self._tensors(), str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(self._json_state()))
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, root / "latest")
+        for old in root.iterdir():  # keep the newest two
+            if old.is_dir() and not old.name.startswith(".") and old.name not in (name, self._previous):
+                shutil.rmtree(old, ignore_errors=True)
+        self._previous = name
+        return final
+
+    _previous = None
+
+    @staticmethod
+    def latest(out: str | Path) -> Path | None:
+        pointer = Path(out) / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+        return path if (path / "state.json").is_file() else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "state.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.codec.load_state_dict(part("codec."))
+        self.transformer.load_state_dict(part("transformer."))
+        self.text_encoder.load_state_dict(part("text_encoder."))
+        for k, v in part("ema.").items():
+            self.ema[k].copy_(v)
+        for name, opt in (("codec_opt", self.codec_opt), ("dit_opt", self.dit_opt)):
+            per: dict[int, dict] = {}
+            for k, v in part(f"{name}.").items():
+                idx, key = k.split(".", 1)
+                per.setdefault(int(idx), {})[key] = v.to(self.device) if key != "step" else v
+            opt.load_state_dict({"state": per, "param_groups": state["param_groups"][name]})
+        self.generator.set_state(_rng_from_str(state["generator"]))
+        self.stage, self.steps, self.elapsed = state["stage"], state["steps"], state["elapsed"]
+        self.losses = list(state["losses"])
+        self._previous = path.name
+
+    # -- export -----------------------------------------------------------------------------------------------
+    def export(self, folder: str | Path | None = None) -> Path:
+        """The model folder: EMA weights of the transformer and text encoder, the codec, the tokenizer."""
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        folder = Path(folder or self.out / "model")
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        transformer = WanTransformer3DModel(**self.cfg.transformer)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(self.tokenizer), **self.cfg.text_encoder))
+        ema = {k: v.detach().float().cpu() for k, v in self.ema.items()}
+        transformer.load_state_dict({k[len("transformer."):]: v for k, v in ema.items()
+                                     if k.startswith("transformer.")}, strict=True)
+        missing, unexpected = text_encoder.load_state_dict(
+            {k[len("text_encoder."):]: v for k, v in ema.items() if k.startswith("text_encoder.")}, strict=False)
+        if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:  # tied to `shared`, not a parameter
+            raise RuntimeError(f"text encoder weights do not match: missing {missing}, unexpected {unexpected}")
+        text_encoder.tie_weights()
+        transformer.save_pretrained(tmp / "transformer")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        self.codec.save(tmp / "codec")
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+            "codec": ["instrument.sketch.codec", "Codec"],
+            "sketch": {"size": [self.cfg.size, self.cfg.size], "fps": data.FPS, "chunk": self.cfg.chunk,
+                       "sink": self.cfg.sink, "window": self.cfg.window, "text_len": self.cfg.text_len,
+                       "steps": self.steps},
+        }, indent=1))
+        total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        self.progress(f"model written to {folder} ({total / 1e6:.1f} MB)")
+        return folder
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def run(self, minutes: float | None, codec_steps: int | None = None, dit_steps: int | None = None,
+            checkpoint_every: int = 500, log_every: int = 50, stop=lambda: False) -> None:
+        cfg = self.cfg
+        budget = None if minutes is None else minutes * 60.0
+        codec_budget = None if budget is None else budget * cfg.codec_fraction
+
+        def stage_done(name):
+            if name == "codec":
+                if codec_steps is not None:
+                    return self.steps["codec"] >= codec_steps
+                return codec_budget is not None and self.elapsed["codec"] >= codec_budget
+            if dit_steps is not None:
+                return self.steps["dit"] >= dit_steps
+            return budget is not None and self.elapsed["codec"] + self.elapsed["dit"] >= budget
+
+        if self.stage == "done" and not stage_done("dit"):
+            self.stage = "dit"  # a larger budget on resume: carry on
+        while self.stage != "done" and not stop():
+            name = self.stage
+            if stage_done(name):
+                if name == "codec":
+                    self.measure_latents()
+                    self.codec.eval().requires_grad_(False)
+                    self.progress(f"codec done after {self.steps['codec']} steps; latent std "
+                                  f"{self.codec.latent_std.mean().item():.3f} (mean over channels)")
+                self.stage = "dit" if name == "codec" else "done"
+                self.save_checkpoint()
+                continue
+            if name == "dit":
+                self.codec.eval().requires_grad_(False)
+            t0 = time.perf_counter()
+            loss = self.train_codec_step() if name == "codec" else self.train_dit_step()
+            if self.device.type == "cuda" and self.steps[name] % log_every == 0:
+                torch.cuda.synchronize()
+            self.elapsed[name] += time.perf_counter() - t0
+            self.losses.append(loss)
+            step = self.steps[name]
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{name} loss went non-finite at step {step}; resume from the last checkpoint "
+                                   "with a lower learning rate")
+            if step % log_every == 0:
+                recent = self.losses[-log_every:]
+                total = self.elapsed["codec"] + self.elapsed["dit"]
+                self.progress(f"{name} step {step} loss {sum(recent) / len(recent):.5f} "
+                              f"({step / max(self.elapsed[name], 1e-9):.2f} steps/s, "
+                              f"{total / 60:.1f} of {'-' if minutes is None else f'{minutes:g}'} min)")
+            if checkpoint_every and step % checkpoint_every == 0:
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run folder: checkpoints/ and model/ go here")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training time over all runs of this folder (codec gets codec_fraction of it)")
+    parser.add_argument("--codec-steps", type=int, default=None, help="codec steps instead of a time budget")
+    parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps instead of a time budget")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", choices=("default", "tiny"), default="default",
+                        help="tiny: a seconds-long CPU smoke run")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if args.minutes is None and (args.codec_steps is None or args.dit_steps is None):
+        raise UserError("give --minutes, or both --codec-steps and --dit-steps")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch")
+    latest = Trainer.latest(out)
+    if latest is not None and not args.resume:
+        raise UserError(f"--out {out}: holds a run (checkpoint {latest.name}); add --resume or pick another folder")
+    if args.resume and latest is not None:
+        cfg = Config.from_json(json.loads((latest / "state.json").read_text())["config"])
+    else:
+        cfg = Config.tiny() if args.config == "tiny" else Config()
+        cfg.seed = args.seed
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    progress = Progress()
+    trainer = Trainer(out, cfg, args.device, progress)
+    if args.resume and latest is not None:
+        trainer.load_checkpoint(latest)
+        progress(f"resumed from {latest} (stage {trainer.stage}, steps {trainer.steps})")
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        progress(f"signal {signum}: checkpointing and stopping")
+        stopping["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.run(args.minutes, args.codec_steps, args.dit_steps, args.checkpoint_every, args.log_every,
+                    stop=lambda: stopping["flag"])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if trainer.steps["dit"] > 0:
+        folder = trainer.export()
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if size > MAX_BYTES:
+            progress(f"warning: the model folder is {size / 1e6:.1f} MB, over the 25 MB budget")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instrument.sketch.train", description=__doc__.split("\n")[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
