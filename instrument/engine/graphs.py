@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 
+MAX_GRAPHS = 4  # captured graphs kept (one per recent patch / probe set); older ones are released
+
+
 def cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "instrument" / "inductor"
@@ -94,10 +97,15 @@ class PassRunner:
         if not self.graphs:
             with self.attention():
                 return dit(latents, timestep, context, cache, rope, step_t)
-        key = (tuple(latents.shape), cache.valid_tokens, id(dit.bends), id(context))
-        g = self.captured.get(key)
+        # What a graph bakes in: shapes, and the very objects (bends, probes, prompt buffers) it reads.
+        key = (tuple(latents.shape), cache.valid_tokens, tuple(map(id, dit.bends.bends)),
+               tuple(map(id, dit.bends.probes)), id(context))
+        g = self.captured.pop(key, None)
         if g is None:
             g = self._capture(key, latents, timestep, context, cache, rope, step_t)
+        self.captured[key] = g  # most recent last: toggling back to a recent patch or probe replays
+        while len(self.captured) > MAX_GRAPHS:
+            self.captured.pop(next(iter(self.captured)))
         g["latents"].copy_(latents)
         g["timestep"].copy_(timestep)
         g["step"].copy_(step_t)
@@ -129,7 +137,6 @@ class PassRunner:
         with torch.cuda.graph(graph, pool=self.pool), self.attention():
             g["out"] = self.dit(*args)
         g["graph"] = graph
-        self.captured[key] = g
         self.captures += 1
         self.progress(f"captured in {time.perf_counter() - t0:.1f} s")
         return g

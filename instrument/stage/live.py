@@ -181,6 +181,7 @@ class LiveShow:
         self.warnings = 0
         self.probe = None  # the armed cross-attention probe of the probe view (A), if any
         self.probe_word = 0  # which word of prompt A it shows
+        self._probes: dict = {}
         self.params.on_change(self._count)
 
     def _count(self, name: str, value: float, source: str) -> None:
@@ -318,7 +319,11 @@ class LiveShow:
             self.probe = None
             self.engine.set_probes([])
             return
-        self.probe = Probe("cross.map", self.engine.dims, self.engine.device, tokens=words[self.probe_word])
+        word = words[self.probe_word]
+        if word not in self._probes:  # one probe per word: on the GPU, showing it again replays its graph
+            self._probes[word] = Probe("cross.map", self.engine.dims, self.engine.device, tokens=word)
+        self.probe = self._probes[word]
+        self.probe.result()  # start from an empty summary
         self.engine.set_probes([self.probe])
         self.warn(f"probe view: cross-attention of '{words[self.probe_word]}'")
 
