@@ -567,7 +567,7 @@ def test_compiled_block_serves_every_layer_and_pass_with_the_same_result(rig):
 
     engine, kw, _ = rig
     eager = run(engine, kw, chunks=6, patch=ALL_OPS)
-    apply_patch(engine, parse_patch(ALL_OPS, dims=engine.dims))  # fresh bends: ffn.noise starts its seed again
+    apply_patch(engine, parse_patch(ALL_OPS, dims=engine.dims))  # armed again: ffn.noise restarts its seed
     torch._dynamo.reset()
     counter = CompileCounter()
     saved = engine.runner
@@ -586,3 +586,18 @@ def test_compiled_block_serves_every_layer_and_pass_with_the_same_result(rig):
         torch._dynamo.reset()
     for a, b in zip(eager, got):
         torch.testing.assert_close(b.latents, a.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_a_patch_armed_again_reuses_its_bends_with_its_own_values(rig):
+    engine = rig[0]
+    melt = parse_patch('[[bend]]\nname="m"\nop="self.temperature"\ntemperature=2.0\n', dims=engine.dims)
+    other = parse_patch('[[bend]]\nname="g"\nop="ffn.gain"\n', dims=engine.dims)
+    apply_patch(engine, melt)
+    first = engine.dit.bends.bends[0]
+    engine.params.set("bend/m/temperature", 3.5)
+    engine.dit.bends.load_values(engine.params, engine.text.encode("a"), TokenGrid(1, 2, 2))
+    apply_patch(engine, other)
+    apply_patch(engine, melt)
+    again = engine.dit.bends.bends[0]
+    assert again is first  # same objects: a captured graph that reads them replays
+    assert engine.params.get("bend/m/temperature") == 2.0 and float(again.k("temperature")) == 2.0

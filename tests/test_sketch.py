@@ -1,6 +1,7 @@
 """The sketch model's groundwork: procedural data, the causal codec, and the training script, on the CPU."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,15 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from instrument.sketch import data
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: one thread avoids OpenMP spin-waiting on a busy 2-core machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -44,7 +54,8 @@ def test_captions_parse_back_to_what_was_rendered():
                     "count": {1, 2, 3}}
     assert data.describe("Two  YELLOW stars bouncing on a black plain background").groups[0].count == 2
     for bad in ("a red fox running", "a red circles moving left over a blue plain background",
-                "two red circle bouncing on a blue plain background", "a red circle dancing on a blue plain background"):
+                "two red circle bouncing on a blue plain background",
+                "a red circle dancing on a blue plain background"):
         with pytest.raises(ValueError):
             data.describe(bad)
 
@@ -269,13 +280,14 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
            "--codec-steps", "2", "--dit-steps", "2", "--log-every", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "dit step 2 loss" in r.stderr and (out / "model" / "transformer" / "config.json").is_file()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd[:-4] + ["--dit-steps", "3", "--resume", "--log-every", "1"], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stderr and "dit step 3 loss" in r.stderr
     state = json.loads((Trainer.latest(out) / "state.json").read_text())

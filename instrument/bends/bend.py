@@ -89,6 +89,7 @@ class Bend:
             box = parse_box(spec["region"])
             for j, name in enumerate(("x0", "y0", "x1", "y1")):
                 self.values[self._index(name)] = float(box[j])
+        self.initial = self.values.clone()  # the patch's own values, restored when it is armed again
         self._host = self.values.cpu().pin_memory() if self.device.type == "cuda" else self.values.clone()
         self.layer_w = target_weights(layer_spec(spec.get("layers", "all"), dims.layers), dims.layers, what="layer",
                                       device=self.device)
@@ -108,6 +109,12 @@ class Bend:
         self.bad = torch.zeros((), device=self.device)  # non-finite values caught at this bend's site
 
     # -- structure ----------------------------------------------------------------------------
+    def rearm(self) -> None:
+        """Back to the patch's values (a patch played again starts as written)."""
+        self.values.copy_(self.initial)
+        self._host.copy_(self.initial)
+        self.bad.zero_()
+
     def specs(self) -> list[ParamSpec]:
         return [replace(k, name=f"bend/{self.name}/{k.name}", default=float(self.values[i]))
                 for i, k in enumerate(self.all_knobs)]
@@ -479,13 +486,21 @@ class FfnNoise(FfnNeurons):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.noise = None
+        self._fresh = False
+
+    def rearm(self) -> None:
+        super().rearm()
+        if self.noise is not None:  # the same noise sequence as when the patch was first armed
+            self.noise.reseed(int(self.option["seed"]))
+            self._fresh = True
 
     def load_values(self, params, prompt, grid):
         super().load_values(params, prompt, grid)
         if self.noise is None or self.noise.buffer.shape[1] != grid.tokens:
             self.noise = ops.NoiseSource((1, grid.tokens, self.dims.ffn), int(self.option["seed"]), self.device)
-        else:
+        elif not self._fresh:
             self.noise.refresh()
+        self._fresh = False
 
     def neurons(self, h):
         return h + self.k("amount").to(h.dtype) * self.noise.buffer.to(h.dtype)

@@ -20,8 +20,10 @@ on with the patch it had.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import tomllib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from ..errors import UserError
 from .bend import MAX_FRAMES, OPS, OPTION_CHECKS, Bend, Dims, allowed_keys, layer_spec, step_weights
 from .targets import TargetError, parse_box, parse_indices
 
+KEEP_BUILT = 4  # patches whose built bends are kept for an instant return (as many as captured graphs)
 TOP_KEYS = {"name", "description", "prompt", "prompt_b", "blend", "seed", "bend", "mapping", "modulator",
             "binding", "params"}
 
@@ -218,10 +221,24 @@ def apply_patch(engine, patch: Patch, progress=None) -> float:
         if progress:
             progress("recording activations for k-means targets")
         activations = engine.record_activations(patch.prompt or "", seed=patch.seed or 0)
-    try:
-        bends = patch.build(engine.dims, engine.device, activations)
-    except TargetError as e:
-        raise PatchError(patch.path, [PatchProblem(None, str(e))]) from None
+    # The same bends, built once, are armed again when the same patch comes back: on the GPU their
+    # captured graph is still there to replay.
+    key = json.dumps(patch.bends, sort_keys=True, default=str)
+    built = getattr(engine, "built_bends", None)
+    if built is None:
+        built = engine.built_bends = OrderedDict()
+    bends = built.pop(key, None)
+    if bends is None:
+        try:
+            bends = patch.build(engine.dims, engine.device, activations)
+        except TargetError as e:
+            raise PatchError(patch.path, [PatchProblem(None, str(e))]) from None
+    else:
+        for b in bends:
+            b.rearm()
+    built[key] = bends
+    while len(built) > KEEP_BUILT:
+        built.popitem(last=False)
     took = engine.set_bends(BendSites(bends, engine.dit.bends.probes))
     if patch.blend is not None:
         engine.params.set("prompt/blend", patch.blend)

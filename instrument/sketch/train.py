@@ -49,7 +49,7 @@ from ..engine.stream import SCHEDULE, SHIFT, warp
 from ..errors import UserError
 from ..progress import Progress
 from . import data
-from .codec import SPATIAL, TEMPORAL, Codec
+from .codec import TEMPORAL, Codec
 
 TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
@@ -252,6 +252,7 @@ class Trainer:
         self.steps = {"codec": 0, "dit": 0}
         self.elapsed = {"codec": 0.0, "dit": 0.0}
         self.losses: list[float] = []
+        self._previous: str | None = None  # the checkpoint before the newest, kept as a fallback
         self.sigmas = torch.tensor([warp(t, SHIFT) for t in SCHEDULE], device=self.device)
         self.autocast = self.device.type == "cuda"
 
@@ -406,7 +407,6 @@ class Trainer:
         self._previous = name
         return final
 
-    _previous = None
 
     @staticmethod
     def latest(out: str | Path) -> Path | None:
