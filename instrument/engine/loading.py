@@ -15,7 +15,7 @@ import torch
 from ..errors import UserError
 from ..progress import Progress
 
-FOLDER_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer")  # and vae/ (Wan) or codec/ (the sketch model)
 CHECKPOINT_NESTS = ("generator_ema", "generator", "model", "state_dict")
 WAN_TEXT_LEN = 512
 
@@ -28,6 +28,7 @@ class Components:
     tokenizer: object
     text_len: int
     source: str
+    native_size: tuple[int, int] | None = None  # (width, height) the model was trained at, if it says
 
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
@@ -69,9 +70,11 @@ def _load_folder(root: Path, dtype, progress) -> Components:
         raise UserError(f"--model {root}: no such folder (expected a diffusers-format Wan 2.1 text-to-video "
                         "folder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     missing = [p for p in ("model_index.json", *FOLDER_PARTS) if not (root / p).exists()]
+    if not (root / "vae").exists() and not (root / "codec").exists():
+        missing.append("vae")
     if missing:
         raise UserError(f"--model {root}: not a diffusers Wan folder, missing {', '.join(missing)} "
-                        f"(expected model_index.json and {', '.join(p + '/' for p in FOLDER_PARTS)})")
+                        f"(expected model_index.json and {', '.join(p + '/' for p in FOLDER_PARTS)}, vae/)")
     cfg_path = root / "transformer" / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -84,8 +87,14 @@ def _load_folder(root: Path, dtype, progress) -> Components:
     try:
         progress(f"loading transformer from {root / 'transformer'} ({size})")
         transformer = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        progress("loading VAE")
-        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
+        if (root / "vae").exists():
+            progress("loading VAE")
+            vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
+        else:  # the project's sketch model: its own small causal codec in place of the Wan VAE
+            from ..sketch.codec import Codec
+
+            progress("loading codec")
+            vae = Codec.load(root / "codec")
         progress("loading text encoder (umT5)")
         text_encoder = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype)
         progress("loading tokenizer")
@@ -94,7 +103,14 @@ def _load_folder(root: Path, dtype, progress) -> Components:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {root}: could not load: {first}") from None
     text_len = min(WAN_TEXT_LEN, int(getattr(tokenizer, "model_max_length", WAN_TEXT_LEN) or WAN_TEXT_LEN))
-    return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root))
+    size = None
+    try:
+        sketch = json.loads((root / "model_index.json").read_text()).get("sketch") or {}
+        if "size" in sketch:
+            size = (int(sketch["size"][0]), int(sketch["size"][1]))
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        pass
+    return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root), size)
 
 
 def read_state_dict(path: Path) -> dict:

@@ -131,8 +131,11 @@ class Engine:
         if self.decoder_kind == "tiny":
             self._tiny.reset()
             return self._tiny
+        from ..sketch.codec import Codec, SketchStreamingDecoder
         from .vae import WanStreamingDecoder
 
+        if isinstance(self.components.vae, Codec):
+            return SketchStreamingDecoder(self.components.vae)
         return WanStreamingDecoder(self.components.vae)
 
     def set_probes(self, probes) -> None:
@@ -180,6 +183,8 @@ class Engine:
 
     @property
     def default_size(self) -> tuple[int, int]:
+        if self.components.native_size is not None:
+            return self.components.native_size
         if self.components.source == "embedded default":
             from .default import SIZE
 
