@@ -38,7 +38,8 @@ def load_components(model: str | None, checkpoint: str | None, device, dtype, pr
 
         progress("building the embedded default model (small Wan, seeded weights)")
         transformer, vae, text_encoder, tokenizer = default.build_components()
-        comps = Components(transformer, vae, text_encoder, tokenizer, default.TEXT_LEN, "embedded default")
+        comps = Components(transformer, vae, text_encoder, tokenizer, default.TEXT_LEN, "embedded default",
+                           default.SIZE)
     else:
         comps = _load_folder(Path(model), dtype, progress)
     if checkpoint is not None:

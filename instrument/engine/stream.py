@@ -30,6 +30,7 @@ from .text import EncodedPrompt, PromptEncoder
 SCHEDULE = (1000.0, 750.0, 500.0, 250.0)
 SHIFT = 5.0
 VAE_STRIDE = (4, 8, 8)
+WAN_SIZE = (832, 480)  # width, height: what Wan 2.1 was trained at
 
 
 def warp(t: float, shift: float = SHIFT) -> float:
@@ -93,7 +94,7 @@ class Engine:
         self.decoder_kind = decoder
         self.tiny_decoder_path = tiny_decoder
         if decoder == "tiny":
-            self._tiny = self._load_tiny(tiny_decoder)
+            self._decoder = self._load_tiny(tiny_decoder)
         elif decoder != "wan":
             raise UserError(f"--decoder {decoder}: expected wan or tiny")
 
@@ -125,12 +126,12 @@ class Engine:
 
     def use_decoder(self, decoder, kind: str = "tiny") -> None:
         """Decode with an already built streaming decoder (bench: a TAEHV of random weights)."""
-        self._tiny, self.decoder_kind = decoder, kind
+        self._decoder, self.decoder_kind = decoder, kind
 
     def make_decoder(self):
         if self.decoder_kind == "tiny":
-            self._tiny.reset()
-            return self._tiny
+            self._decoder.reset()
+            return self._decoder
         from ..sketch.codec import Codec, SketchStreamingDecoder
         from .vae import WanStreamingDecoder
 
@@ -183,13 +184,7 @@ class Engine:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        if self.components.native_size is not None:
-            return self.components.native_size
-        if self.components.source == "embedded default":
-            from .default import SIZE
-
-            return SIZE
-        return (832, 480)
+        return self.components.native_size or WAN_SIZE
 
     def stream(self, prompt: str = "", seed: int = 0, size: tuple[int, int] | None = None, chunk: int = 3,
                sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float = SHIFT) -> "Stream":
