@@ -44,18 +44,23 @@ fox cat dog bird fish horse person people face hand tree trees flower flowers mo
 
 
 def build_tokenizer():
+    return word_tokenizer(WORDS, TEXT_LEN)
+
+
+def word_tokenizer(words, text_len: int):
+    """A word-level tokenizer built here (lower-cased, </s> appended), loadable by transformers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in WORDS:
+    for w in words:
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=TEXT_LEN)
+                                   unk_token="<unk>", model_max_length=text_len)
 
 
 def build_components(seed: int = 20261128):

@@ -113,20 +113,9 @@ class Config:
 # -- text -------------------------------------------------------------------------------------------------
 def build_tokenizer(text_len: int):
     """Word-level tokenizer: the caption vocabulary first, then the embedded default's words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..engine.default import WORDS, word_tokenizer
 
-    from ..engine.default import WORDS
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in [*data.vocabulary(), *WORDS]:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=text_len)
+    return word_tokenizer([*data.vocabulary(), *WORDS], text_len)
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str], text_len: int, device) -> torch.Tensor:
