@@ -10,7 +10,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from instrument.sketch import data
+from instrument.sketch import data, evaluate
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
 
@@ -288,3 +288,58 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path):
     assert "resumed" in r.stderr and "dit step 3 loss" in r.stderr
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["steps"] == {"codec": 2, "dit": 3} and state["stage"] == "done"
+
+
+# -- measuring a sketch model --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    trainer = Trainer(tmp_path_factory.mktemp("tiny-sketch"), Config.tiny())
+    trainer.run(None, codec_steps=2, dit_steps=2, checkpoint_every=0)
+    return trainer.export()
+
+
+def test_the_evaluation_statistics_read_the_procedural_clips_back():
+    """The ceiling: on the clips the captions describe, object and background colours agree."""
+    from instrument.sketch.evaluate import prompt_following
+
+    r = prompt_following(None, captions=60, frames=9, reference=True)
+    assert r["object_colour"] >= 0.95 and r["background_colour"] >= 0.95, (r["object_colour"], r["background_colour"])
+    wrong = data.describe(r["rows"][0]["caption"])
+    assert data.background_colour(torch.full((16, 16, 3), 0.5)) == "grey"
+    assert wrong.background_colour == r["rows"][0]["background"]
+
+
+def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
+    out, strip = tmp_path / "eval.json", tmp_path / "strip.png"
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
+                        "--captions", "3", "--long", "40", "--long-captions", "1", "--ablations", "2",
+                        "--json", str(out), "--strip", str(strip)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["size"] == [32, 32] and report["reference"]["object_colour"] == 1.0
+    follow = report["prompt_following"]
+    assert follow["captions"] == 3 and len(follow["rows"]) == 3
+    assert all(row["caption"] == spec.caption for row, spec in zip(follow["rows"], evaluate.held_out_specs(3)))
+    long = report["coherence"][0]
+    assert long["frames"] >= 40 and long["finite"] and long["chunks"] == -(-(long["frames"] - 9) // 12) + 1
+    ablation = report["word_ablation"]
+    assert ablation["mix0_exact"] is True and ablation["changed_latents"] == 1.0  # the bend acts; mix 0 is silent
+    from PIL import Image
+
+    with Image.open(strip) as img:  # a row per prompt, six frames per row
+        assert img.size == (6 * 32, len(evaluate.STRIP_PROMPTS) * 32)
+
+
+def test_a_trained_model_in_the_package_is_the_embedded_default(tiny_model, monkeypatch):
+    from instrument.engine import default
+    from instrument.engine.stream import Engine
+    from instrument.progress import quiet
+
+    monkeypatch.setattr(default, "TRAINED", tiny_model)
+    engine = Engine.load(None, device="cpu", progress=quiet)
+    assert engine.components.source == "embedded sketch model" and isinstance(engine.components.vae, Codec)
+    assert engine.default_size == (32, 32)
+    assert engine.stream("a red circle bouncing over a blue plain background", chunk=3).next().frames.shape == (9, 32, 32, 3)
+    monkeypatch.setattr(default, "TRAINED", tiny_model / "absent")
+    assert Engine.load(None, device="cpu", progress=quiet).components.source == "embedded default"

@@ -1,9 +1,11 @@
 """The embedded default: a small Wan of the same architecture that runs on any laptop CPU.
 
-Nothing is downloaded: the transformer, the VAE and a small umT5 encoder are built from small configs
-with seeded weights, and the tokenizer is a word-level one built here from a fixed vocabulary. It moves
-but does not yet follow its prompt (a later issue trains it). `save_folder` writes the same components
-as a diffusers-format Wan folder, which is how the tests exercise the real `--model DIR` loading path.
+When the package holds the trained sketch model (instrument/sketch/model/, written by
+`python -m instrument.sketch.train` and copied there), that is the default. Otherwise nothing is
+downloaded: the transformer, the VAE and a small umT5 encoder are built from small configs with seeded
+weights, and the tokenizer is a word-level one built here from a fixed vocabulary; that model moves but
+follows no prompt. `save_folder` writes the seeded components as a diffusers-format Wan folder, which is
+how the tests exercise the real `--model DIR` loading path.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+TRAINED = Path(__file__).resolve().parent.parent / "sketch" / "model"
 TEXT_LEN = 64
 SIZE = (128, 128)  # width, height
 
@@ -41,6 +44,11 @@ sky sea water grass field forest city street room night day sun moon cloud cloud
 glowing bright dim soft sharp blurry
 fox cat dog bird fish horse person people face hand tree trees flower flowers mountain mountains river
 """.split()
+
+
+def trained_folder() -> Path | None:
+    """The trained sketch model shipped in the package, if this install has it."""
+    return TRAINED if (TRAINED / "model_index.json").is_file() else None
 
 
 def build_tokenizer():

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..progress import Progress
+from . import default
 
 FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer")  # and vae/ (Wan) or codec/ (the sketch model)
 CHECKPOINT_NESTS = ("generator_ema", "generator", "model", "state_dict")
@@ -33,10 +34,12 @@ class Components:
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
     progress = progress or Progress()
-    if model is None:
-        from . import default
-
-        progress("building the embedded default model (small Wan, seeded weights)")
+    if model is None and default.trained_folder() is not None:
+        progress("loading the embedded sketch model (trained, shipped in the package)")
+        comps = _load_folder(default.trained_folder(), dtype, progress)
+        comps.source = "embedded sketch model"
+    elif model is None:
+        progress("building the embedded default model (small Wan, seeded weights: it does not follow prompts)")
         transformer, vae, text_encoder, tokenizer = default.build_components()
         comps = Components(transformer, vae, text_encoder, tokenizer, default.TEXT_LEN, "embedded default",
                            default.SIZE)

@@ -351,8 +351,8 @@ _EXTENDED = torch.cat([_PALETTE, _PALETTE * BG_SHADE])  # full colours, then the
 OBJECT_DISTANCE = 0.19  # max RGB distance (0..1 units) from a palette colour for a pixel to count as object
 
 
-def colour_counts(frame) -> dict[str, float]:
-    """Fraction of the frame covered by each object colour, the background's colour left out.
+def frame_colours(frame) -> tuple[str, dict[str, float]]:
+    """(background colour, {object colour: fraction of the frame}) of one frame.
 
     `frame`: [H, W, 3] uint8 or float 0..1 (or [3, H, W] float). Each pixel goes to the nearest of the 12
     palette colours and their darkest background shades. The background is the colour name (full or shade)
@@ -373,7 +373,17 @@ def colour_counts(frame) -> dict[str, float]:
     background = int(torch.bincount(names, minlength=len(_COLOUR_NAMES)).argmax())
     obj = (idx < len(_COLOUR_NAMES)) & (best < OBJECT_DISTANCE) & (names != background)
     counts = torch.bincount(names[obj], minlength=len(_COLOUR_NAMES)).float() / pixels.shape[0]
-    return {n: float(c) for n, c in zip(_COLOUR_NAMES, counts) if c > 0}
+    return _COLOUR_NAMES[background], {n: float(c) for n, c in zip(_COLOUR_NAMES, counts) if c > 0}
+
+
+def colour_counts(frame) -> dict[str, float]:
+    """Fraction of the frame covered by each object colour, the background's colour left out."""
+    return frame_colours(frame)[1]
+
+
+def background_colour(frame) -> str:
+    """The colour name of the frame's background: the one covering most pixels, full or shaded."""
+    return frame_colours(frame)[0]
 
 
 def dominant_colour(frame, min_fraction: float = 0.002) -> str | None:
@@ -385,9 +395,21 @@ def dominant_colour(frame, min_fraction: float = 0.002) -> str | None:
     return name if frac >= min_fraction else None
 
 
+def _frames_of(video):
+    v = torch.as_tensor(video)
+    return v.unbind(1) if (v.ndim == 4 and v.shape[0] == 3 and v.shape[-1] != 3) else v.unbind(0)
+
+
+def _vote(votes: list) -> str | None:
+    votes = [v for v in votes if v is not None]
+    return max(sorted(set(votes)), key=votes.count) if votes else None
+
+
 def dominant_colour_of_clip(video) -> str | None:
     """Majority vote of `dominant_colour` over the frames of a clip ([3, T, H, W] float or [T, H, W, 3])."""
-    v = torch.as_tensor(video)
-    frames = v.unbind(1) if (v.ndim == 4 and v.shape[0] == 3 and v.shape[-1] != 3) else v.unbind(0)
-    votes = [c for c in (dominant_colour(f) for f in frames) if c is not None]
-    return max(set(votes), key=votes.count) if votes else None
+    return _vote([dominant_colour(f) for f in _frames_of(video)])
+
+
+def background_colour_of_clip(video) -> str | None:
+    """Majority vote of `background_colour` over the frames of a clip (layouts as dominant_colour_of_clip)."""
+    return _vote([background_colour(f) for f in _frames_of(video)])

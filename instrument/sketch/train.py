@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..engine.dit import TokenGrid, rope_tables
 from ..engine.stream import SCHEDULE, SHIFT, warp
-from ..errors import UserError
+from ..errors import UserError, module_main
 from ..progress import Progress
 from . import data
 from .codec import TEMPORAL, Codec
@@ -579,14 +579,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instrument.sketch.train", description=__doc__.split("\n")[0])
-    configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return module_main("python -m instrument.sketch.train", __doc__, configure, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,258 @@
+"""Measure a sketch model through the streaming engine: prompt following, long streams, word ablation, strips.
+
+    python -m instrument.sketch.evaluate --model runs/sketch/model --json eval.json --strip strip.png
+    python -m instrument.sketch.evaluate --json eval.json            # the embedded default
+
+Every figure comes from the frames the engine streams, as `instrument play` shows them (uint8), read with
+the pixel statistics of `data` (frame_colours): the procedural data uses exact palette colours for objects
+and shades of one palette colour for the background, so a frame's colours say what it shows. The same
+statistics read the procedural clips themselves (`reference=True`), which gives the ceiling a perfect
+model would reach on the same captions.
+
+- prompt following: held-out captions (clip seeds the trainer never draws); a stream agrees with its
+  caption when its dominant object colour is one the caption names and its background is the caption's
+  background colour.
+- coherence: one stream of 1000+ frames per caption; per chunk the object colour, the frames' contrast
+  (pixel std) and the change from frame to frame; collapse is a stream whose last fifth lost its contrast
+  (below half the first fifth's, or below MIN_CONTRAST) or stopped following its caption compared with
+  its first fifth, or that produced a non-finite value.
+- word ablation: a colour word's cross-attention taken away (cross.gain 0 on its tokens, every layer and
+  step); that colour's share of the frame before and after, and mix 0 giving the unbent frames exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import module_main
+from ..progress import Progress
+from . import data
+
+HELD_OUT = 2**50  # clip seeds from here on: the trainer draws below 2**42 (seed 0) or from 2**60 (seed >= 1)
+MIN_CONTRAST = 0.01  # pixel std below which a frame is flat (procedural clips at 128: 0.025 to 0.18)
+STRIP_PROMPTS = (
+    "a red circle moving right over a blue plain background",
+    "a yellow star rotating on a purple striped background",
+    "two green squares bouncing over a white checkered background",
+    "a pink heart growing over a black gradient background",
+    "an orange triangle moving down and a cyan ring bouncing over a grey noisy background",
+)
+
+
+def held_out_specs(count: int) -> list[data.ClipSpec]:
+    return [data.sample(HELD_OUT + j) for j in range(count)]
+
+
+def stream_chunks(engine, prompt: str, frames: int, seed: int = 0, chunk: int = 3):
+    """(uint8 frames [N >= frames, H, W, 3], clean latents [1, C, n, h, w]) of one stream, with whatever
+    bends the engine has armed."""
+    stream = engine.stream(prompt, seed=seed, chunk=chunk)
+    out, latents, have = [], [], 0
+    while have < frames:
+        c = stream.next()
+        out.append(c.frames)
+        latents.append(c.latents.float().cpu())
+        have += c.frames.shape[0]
+    return torch.cat(out), torch.cat(latents, dim=2)
+
+
+def stream_frames(engine, prompt: str, frames: int, seed: int = 0, chunk: int = 3) -> torch.Tensor:
+    return stream_chunks(engine, prompt, frames, seed, chunk)[0]
+
+
+def _agrees(desc: data.Description, obj: str | None, background: str | None) -> tuple[bool, bool]:
+    return obj in desc.colours, background == desc.background_colour
+
+
+def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int = 3, reference: bool = False,
+                     progress=None) -> dict:
+    """Agreement of streamed video with held-out captions (object colour, background colour, both)."""
+    progress = progress or Progress(enabled=False)
+    rows = []
+    side = data.SIZE if engine is None else engine.default_size[0]
+    for j, spec in enumerate(held_out_specs(captions)):
+        if reference:  # the procedural clip itself: the statistic's ceiling
+            video = data.render([spec], data.clip_times(frames), side)[0]
+        else:
+            video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)
+        obj, bg = data.dominant_colour_of_clip(video), data.background_colour_of_clip(video)
+        ok_obj, ok_bg = _agrees(spec.description, obj, bg)
+        rows.append({"caption": spec.caption, "object": obj, "background": bg, "object_ok": ok_obj,
+                     "background_ok": ok_bg})
+        if (j + 1) % 10 == 0:
+            progress(f"prompt following: {j + 1}/{captions} captions, object colour agrees on "
+                     f"{sum(r['object_ok'] for r in rows)}")
+    n = len(rows)
+    return {
+        "captions": n, "frames_per_caption": frames, "reference": reference,
+        "object_colour": sum(r["object_ok"] for r in rows) / n,
+        "background_colour": sum(r["background_ok"] for r in rows) / n,
+        "both": sum(r["object_ok"] and r["background_ok"] for r in rows) / n,
+        "rows": rows,
+    }
+
+
+def coherence(engine, caption: str, frames: int = 1000, seed: int = 0, chunk: int = 3, progress=None) -> dict:
+    """One long stream, summarised per chunk, first fifth against last fifth."""
+    progress = progress or Progress(enabled=False)
+    desc = data.describe(caption)
+    stream = engine.stream(caption, seed=seed, chunk=chunk)
+    per_chunk, previous, have, warnings, finite = [], None, 0, 0, True
+    while have < frames:
+        c = stream.next()
+        f = c.frames.float() / 255.0
+        warnings += len(c.warnings)
+        finite &= bool(torch.isfinite(c.latents.float()).all())
+        diffs = (f[1:] - f[:-1]).abs().mean(dim=(1, 2, 3))
+        if previous is not None:
+            diffs = torch.cat([(f[:1] - previous).abs().mean().view(1), diffs])
+        previous = f[-1:]
+        per_chunk.append({"frames": int(f.shape[0]), "follows": data.dominant_colour_of_clip(c.frames) in desc.colours,
+                          "contrast": float(f.std(dim=(1, 2)).mean()), "change": float(diffs.mean())})
+        have += f.shape[0]
+        if len(per_chunk) % 25 == 0:
+            progress(f"coherence: {have}/{frames} frames")
+    fifth = max(1, len(per_chunk) // 5)
+    first, last = per_chunk[:fifth], per_chunk[-fifth:]
+
+    def mean(rows, key):
+        return float(np.mean([r[key] for r in rows]))
+
+    summary = {
+        "caption": caption, "frames": have, "chunks": len(per_chunk), "nan_guard_warnings": warnings,
+        "finite": finite,
+        "follows_first": mean(first, "follows"), "follows_last": mean(last, "follows"),
+        "contrast_first": mean(first, "contrast"), "contrast_last": mean(last, "contrast"),
+        "change_first": mean(first, "change"), "change_last": mean(last, "change"),
+    }
+    summary["collapsed"] = bool(
+        not finite
+        or summary["contrast_last"] < max(0.5 * summary["contrast_first"], MIN_CONTRAST)
+        or summary["follows_last"] < summary["follows_first"] - 0.3
+    )
+    return summary
+
+
+def ablation_patch(word: str, mix: float = 1.0) -> str:
+    return (f'name = "ablate {word}"\n\n[[bend]]\nname = "ablate"\nop = "cross.gain"\ntokens = "{word}"\n'
+            f"gain = 0.0\nmix = {mix}\n")
+
+
+def word_ablation(engine, captions: int = 20, frames: int = 21, chunk: int = 3, progress=None) -> dict:
+    """Take a colour word's cross-attention away; measure that colour's share of the frames, and mix 0."""
+    from ..bends.patch import apply_patch, parse_patch
+
+    progress = progress or Progress(enabled=False)
+    unbent_patch = parse_patch('name = "unbent"\n', "<unbent>", engine.dims)
+    rows, exact, changed = [], True, 0
+    specs = [s for s in held_out_specs(captions * 4) if len(s.description.groups) == 1][:captions]
+    for j, spec in enumerate(specs):
+        word = spec.description.groups[0].colour
+        apply_patch(engine, unbent_patch)
+        before, z_before = stream_chunks(engine, spec.caption, frames, seed=j, chunk=chunk)
+        apply_patch(engine, parse_patch(ablation_patch(word), "<ablate>", engine.dims))
+        after, z_after = stream_chunks(engine, spec.caption, frames, seed=j, chunk=chunk)
+        changed += not torch.equal(z_after, z_before)
+        if j < 3:  # mix 0: the same bend armed but silent must give the unbent stream, bit for bit
+            engine.params.set("bend/ablate/mix", 0.0)
+            silent, z_silent = stream_chunks(engine, spec.caption, frames, seed=j, chunk=chunk)
+            exact &= bool(torch.equal(silent, before) and torch.equal(z_silent, z_before))
+
+        def share(video):
+            return float(np.mean([data.colour_counts(f).get(word, 0.0) for f in video]))
+
+        rows.append({"caption": spec.caption, "word": word, "before": share(before), "after": share(after)})
+        progress(f"ablation {j + 1}/{len(specs)}: '{word}' covers {rows[-1]['before']:.3f} -> {rows[-1]['after']:.3f}")
+    apply_patch(engine, unbent_patch)
+    before = float(np.mean([r["before"] for r in rows]))
+    after = float(np.mean([r["after"] for r in rows]))
+    return {"captions": len(rows), "share_before": before, "share_after": after,
+            "removed": 1.0 - after / before if before > 0 else 0.0,
+            "lower_in": sum(r["after"] < r["before"] for r in rows) / len(rows),
+            "changed_latents": changed / len(rows), "mix0_exact": exact, "rows": rows}
+
+
+def write_strip(engine, path: str | Path, prompts=STRIP_PROMPTS, columns: int = 6, every: int = 8,
+                seed: int = 0, scale: int = 1) -> Path:
+    """A PNG: a row per prompt, `columns` frames `every` frames apart, from the start of each stream."""
+    from PIL import Image
+
+    rows = []
+    for j, prompt in enumerate(prompts):
+        video = stream_frames(engine, prompt, columns * every, seed=seed + j)
+        picked = video[: columns * every : every]
+        rows.append(torch.cat(list(picked), dim=1))  # [H, W * columns, 3]
+    image = torch.cat(rows, dim=0).numpy()
+    img = Image.fromarray(image)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a sketch model folder (default: the embedded default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--captions", type=int, default=100, help="held-out captions for prompt following")
+    parser.add_argument("--long", type=int, default=1000, help="frames of each long stream (coherence)")
+    parser.add_argument("--long-captions", type=int, default=3, help="how many long streams")
+    parser.add_argument("--ablations", type=int, default=20, help="captions for the word ablation")
+    parser.add_argument("--json", default=None, help="write every figure here")
+    parser.add_argument("--strip", default=None, help="write a PNG strip of frames for a few prompts")
+    parser.add_argument("--strip-scale", type=int, default=1)
+    parser.add_argument("--only", default="following,reference,coherence,ablation,strip",
+                        help="which measurements, comma-separated")
+
+
+def run(args) -> int:
+    from ..engine.stream import Engine
+
+    progress = Progress()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    engine = Engine.load(args.model, device=args.device, progress=progress)
+    report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size)}
+    t0 = time.perf_counter()
+    if "reference" in only:
+        report["reference"] = prompt_following(engine, args.captions, reference=True)
+        progress(f"reference (the procedural clips themselves): object colour "
+                 f"{report['reference']['object_colour']:.1%}, background {report['reference']['background_colour']:.1%}")
+    if "following" in only:
+        r = report["prompt_following"] = prompt_following(engine, args.captions, progress=progress)
+        progress(f"prompt following on {r['captions']} held-out captions: object colour {r['object_colour']:.1%}, "
+                 f"background {r['background_colour']:.1%}, both {r['both']:.1%}")
+    if "coherence" in only:
+        report["coherence"] = []
+        for j, spec in enumerate(held_out_specs(args.long_captions)):
+            c = coherence(engine, spec.caption, args.long, seed=j, progress=progress)
+            report["coherence"].append(c)
+            progress(f"coherence over {c['frames']} frames: follows {c['follows_first']:.0%} -> {c['follows_last']:.0%}, "
+                     f"contrast {c['contrast_first']:.3f} -> {c['contrast_last']:.3f}, "
+                     f"{'COLLAPSED' if c['collapsed'] else 'no collapse'}")
+    if "ablation" in only:
+        a = report["word_ablation"] = word_ablation(engine, args.ablations, progress=progress)
+        progress(f"word ablation: colour share {a['share_before']:.3f} -> {a['share_after']:.3f} "
+                 f"({a['removed']:.0%} removed, lower in {a['lower_in']:.0%}); mix 0 exact: {a['mix0_exact']}")
+    if "strip" in only and args.strip:
+        progress(f"strip written to {write_strip(engine, args.strip, scale=args.strip_scale)}")
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        progress(f"figures written to {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return module_main("python -m instrument.sketch.evaluate", __doc__, configure, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
