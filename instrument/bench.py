@@ -239,7 +239,7 @@ def run(args) -> int:
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     results = {"machine": machine(), "load_s": round(load_s, 1), "settings": {
         "model": engine.components.source, "device": str(engine.device), "dtype": str(engine.dtype),
-        "decoder": engine.decoder_kind, "chunk": args.chunk, "size": args.size or engine.default_size,
+        "decoder": engine.decoder_name, "chunk": args.chunk, "size": args.size or engine.default_size,
         "compile": engine.runner.compile, "cuda_graphs": engine.runner.graphs, "seconds": args.seconds,
         "steps": 4, "context_pass": True}}
     for phase in phases:

@@ -133,7 +133,8 @@ def test_bad_paths_and_files_give_one_clear_line(tmp_path, default_folder):
     state.pop(next(k for k in state if "self_attn.q.weight" in k))
     state["model.extra.weight"] = torch.zeros(1)
     save_file(state, str(partial))
-    one_clear_line(run_cli("render", "--out", out, "--frames", "1", "--checkpoint", str(partial)),
+    one_clear_line(run_cli("render", "--out", out, "--frames", "1", "--model", str(default_folder),
+                           "--checkpoint", str(partial)),
                    "partial.safetensors", "1 missing", "1 unexpected")
     # A pickle that would run code is refused by weights_only loading.
     evil = tmp_path / "evil.pt"

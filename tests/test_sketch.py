@@ -259,7 +259,7 @@ def test_exported_folder_loads_through_the_engine(tmp_path):
     ids = comps.tokenizer("an orange star bouncing over a grey noisy background")["input_ids"]
     assert 2 not in ids and ids[-1] == 1  # no <unk>, ends with </s>
     engine = Engine(comps, "cpu", torch.float32)
-    assert isinstance(engine.make_decoder(), SketchStreamingDecoder)
+    assert isinstance(engine.make_decoder(), SketchStreamingDecoder) and engine.decoder_name == "sketch codec"
     stream = engine.stream("a red circle moving left over a blue striped background", seed=1,
                            chunk=2, sink=2, window=4)  # the model's own size, from model_index.json
     shapes = [stream.next().frames.shape for _ in range(3)]

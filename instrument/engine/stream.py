@@ -128,6 +128,15 @@ class Engine:
         """Decode with an already built streaming decoder (bench: a TAEHV of random weights)."""
         self._decoder, self.decoder_kind = decoder, kind
 
+    @property
+    def decoder_name(self) -> str:
+        """What turns latents into frames: "tiny" (TAEHV), "wan" (the Wan VAE) or "sketch codec"."""
+        from ..sketch.codec import Codec
+
+        if self.decoder_kind == "tiny":
+            return "tiny"
+        return "sketch codec" if isinstance(self.components.vae, Codec) else "wan"
+
     def make_decoder(self):
         if self.decoder_kind == "tiny":
             self._decoder.reset()
