@@ -304,9 +304,9 @@ def test_the_evaluation_statistics_read_the_procedural_clips_back():
 
     r = prompt_following(None, captions=60, frames=9, reference=True)
     assert r["object_colour"] >= 0.95 and r["background_colour"] >= 0.95, (r["object_colour"], r["background_colour"])
-    wrong = data.describe(r["rows"][0]["caption"])
-    assert data.background_colour(torch.full((16, 16, 3), 0.5)) == "grey"
-    assert wrong.background_colour == r["rows"][0]["background"]
+    first = r["rows"][0]
+    assert data.describe(first["caption"]).background_colour == first["background"]
+    assert data.background_colour(torch.full((16, 16, 3), 0.5)) == "grey"  # a flat frame is all background
 
 
 def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
