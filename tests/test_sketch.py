@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -12,6 +13,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from instrument.sketch import data, evaluate
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
+from instrument.engine.stream import Engine
+from instrument.progress import quiet
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
 
 
@@ -327,8 +330,12 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     assert ablation["mix0_exact"] is True and ablation["changed_latents"] == 1.0  # the bend acts; mix 0 is silent
     from PIL import Image
 
-    with Image.open(strip) as img:  # a row per prompt, six frames per row
-        assert img.size == (6 * 32, len(evaluate.STRIP_PROMPTS) * 32)
+    rows = len(evaluate.STRIP_PROMPTS)
+    with Image.open(strip) as img:  # a row per prompt, six frames per row, 2 pixels between tiles
+        assert img.size == (6 * 34 - 2, rows * 34 - 2)
+        sheet = np.asarray(img)
+    first = evaluate.stream_frames(Engine.load(str(tiny_model), progress=quiet), evaluate.STRIP_PROMPTS[0], 1)
+    assert np.array_equal(sheet[:32, :32], first[0].numpy()) and (sheet[32:34] == 24).all()
 
 
 def test_a_trained_model_in_the_package_is_the_embedded_default(tiny_model, monkeypatch):

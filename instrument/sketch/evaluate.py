@@ -180,17 +180,21 @@ def word_ablation(engine, captions: int = 20, frames: int = 21, chunk: int = 3, 
 
 
 def write_strip(engine, path: str | Path, prompts=STRIP_PROMPTS, columns: int = 6, every: int = 8,
-                seed: int = 0, scale: int = 1) -> Path:
-    """A PNG: a row per prompt, `columns` frames `every` frames apart, from the start of each stream."""
+                seed: int = 0, scale: int = 1, gap: int = 2) -> Path:
+    """A PNG: a row per prompt, `columns` frames `every` frames apart from the start of each stream,
+    `gap` dark pixels between tiles (before scaling)."""
     from PIL import Image
 
-    rows = []
+    tiles = []
     for j, prompt in enumerate(prompts):
         video = stream_frames(engine, prompt, columns * every, seed=seed + j)
-        picked = video[: columns * every : every]
-        rows.append(torch.cat(list(picked), dim=1))  # [H, W * columns, 3]
-    image = torch.cat(rows, dim=0).numpy()
-    img = Image.fromarray(image)
+        tiles.append(video[: columns * every : every].numpy())
+    h, w = tiles[0].shape[1:3]
+    sheet = np.full((len(prompts) * (h + gap) - gap, columns * (w + gap) - gap, 3), 24, dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, frame in enumerate(row):
+            sheet[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = frame
+    img = Image.fromarray(sheet)
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
