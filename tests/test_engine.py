@@ -180,3 +180,24 @@ def test_word_positions_follow_the_tokenizer():
     short = enc.encode("red")
     assert short.length == 2 and torch.all(short.embeddings[0, 2:] == 0)
     assert enc.encode("red") is short  # cached
+
+
+@pytest.mark.parametrize("sampler", ["renoise", "ddim"])
+def test_first_chunk_is_the_samplers_loop_over_diffusers_forward(sampler):
+    """renoise draws fresh noise around each x0 (Self-Forcing); ddim keeps the noise the model implies."""
+    m = tiny_transformer(6)
+    engine, kw = tiny_engine(m)
+    s = engine.stream("a red circle", seed=3, shift=3.0, sampler=sampler, **kw)
+    got = s.next().latents
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(s.latent_shape, generator=g)
+    sigmas = [warp(t, 3.0) for t in (1000.0, 750.0, 500.0, 250.0)]
+    for i, sigma in enumerate(sigmas):
+        v = m(x, torch.tensor([sigma * 1000.0]), s.prompt.embeddings, return_dict=False)[0]
+        x0 = x - sigma * v
+        if i + 1 < len(sigmas):
+            noise = torch.randn(s.latent_shape, generator=g) if sampler == "renoise" else x0 + v
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise
+    torch.testing.assert_close(got, x0, rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="sampler"):
+        engine.stream("a red circle", sampler="euler-ancestral", **kw)

@@ -255,6 +255,7 @@ def test_exported_folder_loads_through_the_engine(tmp_path):
     assert not (folder / "vae").exists()
     comps = load_components(str(folder), None, "cpu", torch.float32)
     assert isinstance(comps.vae, Codec) and comps.native_size == (32, 32)
+    assert comps.sampling == {"shift": trainer.cfg.shift, "sampler": "ddim"}
     ema = {k[len("transformer."):]: v for k, v in trainer.ema.items() if k.startswith("transformer.")}
     loaded = comps.transformer.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ema.items())
@@ -265,6 +266,7 @@ def test_exported_folder_loads_through_the_engine(tmp_path):
     assert isinstance(engine.make_decoder(), SketchStreamingDecoder) and engine.decoder_name == "sketch codec"
     stream = engine.stream("a red circle moving left over a blue striped background", seed=1,
                            chunk=2, sink=2, window=4)  # the model's own size, from model_index.json
+    assert stream.settings.sampler == "ddim" and stream.settings.shift == trainer.cfg.shift
     shapes = [stream.next().frames.shape for _ in range(3)]
     assert shapes == [(5, 32, 32, 3), (8, 32, 32, 3), (8, 32, 32, 3)]
 

@@ -7,7 +7,8 @@
 
 Generation follows the Self-Forcing family: each chunk of latent frames starts from noise and is denoised
 in a few steps (default 1000, 750, 500, 250 warped with shift 5), predicting x0 and re-noising to the
-next level between steps; the clean chunk then runs once more at t = 0 to write its keys and values into
+next level between steps (fresh noise for the distilled Self-Forcing generators; the noise the model
+implies, DDIM, for a plain flow-matching model such as the sketch model); the clean chunk then runs once more at t = 0 to write its keys and values into
 the cache that later chunks attend to. The cache keeps a sink of the first frames and a rolling window of
 the latest, so memory stays flat however long the stream runs.
 """
@@ -29,6 +30,7 @@ from .text import EncodedPrompt, PromptEncoder
 
 SCHEDULE = (1000.0, 750.0, 500.0, 250.0)
 SHIFT = 5.0
+SAMPLERS = ("renoise", "ddim")
 VAE_STRIDE = (4, 8, 8)
 WAN_SIZE = (832, 480)  # width, height: what Wan 2.1 was trained at
 
@@ -48,6 +50,11 @@ class StreamSettings:
     window: int = 12  # latent frames of the rolling window, the current chunk included
     schedule: tuple[float, ...] = SCHEDULE
     shift: float = SHIFT
+    # Between steps: "renoise" draws fresh noise around the predicted x0, as the Self-Forcing family does
+    # (their generators are distilled to predict sharp samples); "ddim" keeps the noise the model implies,
+    # which a plain flow-matching model (the sketch model) needs: its x0 is a mean over what the noise
+    # leaves open, and fresh noise around a mean never commits to one picture.
+    sampler: str = "renoise"
 
     def validate(self, patch=(1, 2, 2)) -> None:
         mult = VAE_STRIDE[1] * patch[1]
@@ -56,6 +63,8 @@ class StreamSettings:
                             f"of {mult}")
         if self.chunk not in (1, 2, 3, 4):
             raise UserError(f"--chunk {self.chunk}: use 1 or 3 latent frames (2 and 4 work too)")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if self.window < self.chunk or self.window % self.chunk or self.sink % self.chunk:
             raise UserError(f"cache window {self.window} and sink {self.sink} must be multiples of the chunk "
                             f"size {self.chunk} (window >= chunk)")
@@ -196,9 +205,14 @@ class Engine:
         return self.components.native_size or WAN_SIZE
 
     def stream(self, prompt: str = "", seed: int = 0, size: tuple[int, int] | None = None, chunk: int = 3,
-               sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float = SHIFT) -> "Stream":
+               sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float | None = None,
+               sampler: str | None = None) -> "Stream":
+        """shift and sampler default to what the model folder says (the sketch model), else Wan's."""
         w, h = size or self.default_size
-        settings = StreamSettings(w, h, chunk, sink, window, tuple(schedule), shift)
+        native = self.components.sampling or {}
+        settings = StreamSettings(w, h, chunk, sink, window, tuple(schedule),
+                                  float(native.get("shift", SHIFT)) if shift is None else shift,
+                                  str(native.get("sampler", "renoise")) if sampler is None else sampler)
         settings.validate(self.dit.patch)
         return Stream(self, settings, prompt, seed)
 
@@ -284,7 +298,8 @@ class Stream:
             x0 = (x.float() - sigma * v.float()).to(e.dtype)
             if step + 1 < len(sigmas):
                 nxt = sigmas[step + 1]
-                x = ((1.0 - nxt) * x0.float() + nxt * self._noise().float()).to(e.dtype)
+                noise = self._noise().float() if s.sampler == "renoise" else x0.float() + v.float()
+                x = ((1.0 - nxt) * x0.float() + nxt * noise).to(e.dtype)
         # The clean pass: this chunk's keys and values at t = 0 become what later chunks attend to.
         e.runner(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP, len(sigmas))
         for j in range(s.chunk):

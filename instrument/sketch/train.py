@@ -73,6 +73,8 @@ class Config:
     gap_prob: float = 0.5
     max_gap: int = 240  # latent frames (960 video frames, one minute at 16 fps)
     text_len: int = 32
+    shift: float = SHIFT  # the engine's 4 timesteps warped with this shift are the sigmas trained on
+    sampler: str = "ddim"  # how the engine samples it (plain flow matching: keep the implied noise)
     transformer: dict = field(default_factory=lambda: dict(TRANSFORMER))
     text_encoder: dict = field(default_factory=lambda: dict(TEXT_ENCODER))
     codec: dict = field(default_factory=lambda: dict(CODEC))
@@ -242,7 +244,7 @@ class Trainer:
         self.elapsed = {"codec": 0.0, "dit": 0.0}
         self.losses: list[float] = []
         self._previous: str | None = None  # the checkpoint before the newest, kept as a fallback
-        self.sigmas = torch.tensor([warp(t, SHIFT) for t in SCHEDULE], device=self.device)
+        self.sigmas = torch.tensor([warp(t, config.shift) for t in SCHEDULE], device=self.device)
         self.autocast = self.device.type == "cuda"
 
     # -- batches: a function of (seed, stage, step) only --------------------------------------------------
@@ -460,7 +462,7 @@ class Trainer:
             "codec": ["instrument.sketch.codec", "Codec"],
             "sketch": {"size": [self.cfg.size, self.cfg.size], "fps": data.FPS, "chunk": self.cfg.chunk,
                        "sink": self.cfg.sink, "window": self.cfg.window, "text_len": self.cfg.text_len,
-                       "steps": self.steps},
+                       "shift": self.cfg.shift, "sampler": self.cfg.sampler, "steps": self.steps},
         }, indent=1))
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
