@@ -307,7 +307,7 @@ def test_the_evaluation_statistics_read_the_procedural_clips_back():
     """The ceiling: on the clips the captions describe, object and background colours agree."""
     from instrument.sketch.evaluate import prompt_following
 
-    r = prompt_following(None, captions=60, frames=9, reference=True)
+    r = prompt_following(None, captions=60, frames=9, source="clips")
     assert r["object_colour"] >= 0.95 and r["background_colour"] >= 0.95, (r["object_colour"], r["background_colour"])
     first = r["rows"][0]
     assert data.describe(first["caption"]).background_colour == first["background"]
@@ -323,6 +323,7 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["size"] == [32, 32] and report["reference"]["object_colour"] == 1.0
+    assert report["codec"]["source"] == "codec" and len(report["codec"]["rows"]) == 3
     follow = report["prompt_following"]
     assert follow["captions"] == 3 and len(follow["rows"]) == 3
     assert all(row["caption"] == spec.caption for row, spec in zip(follow["rows"], evaluate.held_out_specs(3)))

@@ -6,8 +6,9 @@
 Every figure comes from the frames the engine streams, as `instrument play` shows them (uint8), read with
 the pixel statistics of `data` (frame_colours): the procedural data uses exact palette colours for objects
 and shades of one palette colour for the background, so a frame's colours say what it shows. The same
-statistics read the procedural clips themselves (`reference=True`), which gives the ceiling a perfect
-model would reach on the same captions.
+statistics read the procedural clips themselves (`source="clips"`), which gives the ceiling a perfect
+model would reach on the same captions, and the clips through the codec, encoded and decoded
+(`source="codec"`): the ceiling of any DiT that decodes through this codec.
 
 - prompt following: held-out captions (clip seeds the trainer never draws); a stream agrees with its
   caption when its dominant object colour is one the caption names and its background is the caption's
@@ -34,6 +35,7 @@ import torch
 from ..errors import module_main
 from ..progress import Progress
 from . import data
+from .codec import Codec
 
 HELD_OUT = 2**50  # clip seeds from here on: the trainer draws below 2**42 (seed 0) or from 2**60 (seed >= 1)
 MIN_CONTRAST = 0.01  # pixel std below which a frame is flat (procedural clips at 128: 0.025 to 0.18)
@@ -71,15 +73,31 @@ def _agrees(desc: data.Description, obj: str | None, background: str | None) -> 
     return obj in desc.colours, background == desc.background_colour
 
 
-def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int = 3, reference: bool = False,
-                     progress=None) -> dict:
-    """Agreement of streamed video with held-out captions (object colour, background colour, both)."""
+SOURCES = ("stream", "clips", "codec")
+
+
+def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int = 3, source: str = "stream",
+                     progress=None, codec=None, side: int | None = None) -> dict:
+    """Agreement of video with held-out captions (object colour, background colour, both).
+
+    source "stream": the engine's stream of each caption; "clips": the procedural clips themselves;
+    "codec": the clips encoded and decoded by `codec` (default: the engine's), the ceiling of any DiT
+    that decodes through it. `engine` may be None for "clips", and for "codec" when `codec` is given.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
+    side = side or (data.SIZE if engine is None else engine.default_size[0])
+    codec = codec if codec is not None or engine is None else engine.components.vae
     rows = []
-    side = data.SIZE if engine is None else engine.default_size[0]
     for j, spec in enumerate(held_out_specs(captions)):
-        if reference:  # the procedural clip itself: the statistic's ceiling
+        if source == "clips":
             video = data.render([spec], data.clip_times(frames), side)[0]
+        elif source == "codec":
+            device = next(codec.parameters()).device
+            with torch.no_grad():
+                clip = data.render([spec], data.clip_times(frames), side, device)
+                video = codec.decode(codec.encode(clip))[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
         else:
             video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)
         obj, bg = data.dominant_colour_of_clip(video), data.background_colour_of_clip(video)
@@ -87,11 +105,11 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
         rows.append({"caption": spec.caption, "object": obj, "background": bg, "object_ok": ok_obj,
                      "background_ok": ok_bg})
         if (j + 1) % 10 == 0:
-            progress(f"prompt following: {j + 1}/{captions} captions, object colour agrees on "
+            progress(f"prompt following ({source}): {j + 1}/{captions} captions, object colour agrees on "
                      f"{sum(r['object_ok'] for r in rows)}")
     n = len(rows)
     return {
-        "captions": n, "frames_per_caption": frames, "reference": reference,
+        "captions": n, "frames_per_caption": frames, "source": source,
         "object_colour": sum(r["object_ok"] for r in rows) / n,
         "background_colour": sum(r["background_ok"] for r in rows) / n,
         "both": sum(r["object_ok"] and r["background_ok"] for r in rows) / n,
@@ -213,7 +231,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--strip", default=None, help="write a PNG strip of frames for a few prompts")
     parser.add_argument("--strip-scale", type=int, default=1)
-    parser.add_argument("--only", default="following,reference,coherence,ablation,strip",
+    parser.add_argument("--only", default="reference,codec,following,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
 
@@ -226,9 +244,13 @@ def run(args) -> int:
     report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size)}
     t0 = time.perf_counter()
     if "reference" in only:
-        report["reference"] = prompt_following(engine, args.captions, reference=True)
-        progress(f"reference (the procedural clips themselves): object colour "
-                 f"{report['reference']['object_colour']:.1%}, background {report['reference']['background_colour']:.1%}")
+        r = report["reference"] = prompt_following(engine, args.captions, source="clips")
+        progress(f"reference (the procedural clips themselves): object colour {r['object_colour']:.1%}, "
+                 f"background {r['background_colour']:.1%}")
+    if "codec" in only and isinstance(engine.components.vae, Codec):
+        r = report["codec"] = prompt_following(engine, args.captions, source="codec")
+        progress(f"the clips through the codec: object colour {r['object_colour']:.1%}, "
+                 f"background {r['background_colour']:.1%}")
     if "following" in only:
         r = report["prompt_following"] = prompt_following(engine, args.captions, progress=progress)
         progress(f"prompt following on {r['captions']} held-out captions: object colour {r['object_colour']:.1%}, "

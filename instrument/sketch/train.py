@@ -353,6 +353,17 @@ class Trainer:
         self.codec.latent_mean.copy_(z.mean(1))
         self.codec.latent_std.copy_(z.std(1).clamp(min=1e-4))
 
+    def report_codec(self, captions: int = 50) -> dict:
+        """How much of the captions survives the codec (the ceiling of the DiT's prompt following)."""
+        from .evaluate import prompt_following
+
+        with self._autocast():
+            r = prompt_following(None, captions, frames=self.cfg.codec_frames, source="codec", codec=self.codec,
+                                 side=self.cfg.size)
+        self.progress(f"the codec keeps the captioned object colour in {r['object_colour']:.0%} and the "
+                      f"background colour in {r['background_colour']:.0%} of {captions} held-out clips")
+        return r
+
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _tensors(self) -> dict:
         t = {f"codec.{k}": v for k, v in self.codec.state_dict().items()}
@@ -496,6 +507,7 @@ class Trainer:
                     self.codec.eval().requires_grad_(False)
                     self.progress(f"codec done after {self.steps['codec']} steps; latent std "
                                   f"{self.codec.latent_std.mean().item():.3f} (mean over channels)")
+                    self.report_codec()
                 self.stage = "dit" if name == "codec" else "done"
                 self.save_checkpoint()
                 continue
