@@ -285,6 +285,7 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "dit step 2 loss" in r.stderr and (out / "model" / "transformer" / "config.json").is_file()
+    assert "the codec keeps the captioned object colour in" in r.stderr
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd[:-4] + ["--dit-steps", "3", "--resume", "--log-every", "1"], capture_output=True,
