@@ -205,7 +205,7 @@ def test_teacher_forcing_equals_streaming_inference_in_float64():
 def test_each_stage_overfits_a_fixed_batch(tmp_path):
     trainer = Trainer(tmp_path, Config.tiny())
     video = trainer.codec_batch(0)
-    losses = [trainer.train_codec_step(video) for _ in range(30)]
+    losses = [trainer.train_codec_step(video) for _ in range(60)]
     assert losses[-1] < 0.6 * losses[0], losses
     trainer.measure_latents(clips=16)
     with torch.no_grad():  # the same clips, normalised, have per-channel mean 0 and std 1
@@ -354,3 +354,32 @@ def test_a_trained_model_in_the_package_is_the_embedded_default(tiny_model, monk
     assert engine.stream("a red circle bouncing over a blue plain background", chunk=3).next().frames.shape == (9, 32, 32, 3)
     monkeypatch.setattr(default, "TRAINED", tiny_model / "absent")
     assert Engine.load(None, device="cpu", progress=quiet).components.source == "embedded default"
+
+
+def test_codec_loss_weighs_pixels_by_their_distance_from_the_frames_median(tmp_path):
+    trainer = Trainer(tmp_path, Config.tiny())
+    assert trainer.cfg.codec_object_weight == 8.0
+    video = data.render([data.sample(77)], data.clip_times(5), 32).double()
+    trainer.codec.double()
+    state = trainer.generator.get_state()
+    got = trainer.codec_loss(video)
+    trainer.generator.set_state(state)  # the same latent noise, then the loss by hand
+    z = trainer.codec.encode_raw(video)
+    noisy = z + trainer.cfg.codec_noise * torch.randn(z.shape, generator=trainer.generator).double()
+    recon = trainer.codec.decode_raw(noisy)[0]
+    want = torch.zeros((), dtype=torch.float64)
+    frames = video.shape[2]
+    for t in range(frames):
+        frame, out = video[0, :, t], recon[0, :, t]
+        median = frame.reshape(3, -1).median(dim=1).values.view(3, 1, 1)
+        weight = 1 + 8.0 * (frame - median).pow(2).sum(dim=0).sqrt()
+        want += (weight * ((out - frame) ** 2 + 0.5 * (out - frame).abs())).sum()
+    want = want / video.numel() + 1e-4 * z.pow(2).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-9, atol=1e-12)
+    # a plain frame has nothing far from its median: the weighting leaves its loss alone
+    plain = torch.full_like(video, 0.3)
+    trainer.generator.set_state(state)
+    weighted = trainer.codec_loss(plain)
+    trainer.cfg.codec_object_weight = 0.0
+    trainer.generator.set_state(state)
+    assert torch.equal(weighted, trainer.codec_loss(plain))
