@@ -35,9 +35,10 @@ class Components:
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
     progress = progress or Progress()
-    if model is None and default.trained_folder() is not None:
+    trained = default.trained_folder() if model is None else None
+    if trained is not None:
         progress("loading the embedded sketch model (trained, shipped in the package)")
-        comps = _load_folder(default.trained_folder(), dtype, progress)
+        comps = _load_folder(trained, dtype, progress)
         comps.source = "embedded sketch model"
     elif model is None:
         progress("building the embedded default model (small Wan, seeded weights: it does not follow prompts)")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.vae import to_uint8_frames
 from ..errors import module_main
 from ..progress import Progress
 from . import data
@@ -97,7 +98,7 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
             device = next(codec.parameters()).device
             with torch.no_grad():
                 clip = data.render([spec], data.clip_times(frames), side, device)
-                video = codec.decode(codec.encode(clip))[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+                video = to_uint8_frames(codec.decode(codec.encode(clip)).float()).cpu()
         else:
             video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)
         obj, bg = data.dominant_colour_of_clip(video), data.background_colour_of_clip(video)
@@ -158,9 +159,14 @@ def coherence(engine, caption: str, frames: int = 1000, seed: int = 0, chunk: in
     return summary
 
 
-def ablation_patch(word: str, mix: float = 1.0) -> str:
+def ablation_patch(word: str) -> str:
     return (f'name = "ablate {word}"\n\n[[bend]]\nname = "ablate"\nop = "cross.gain"\ntokens = "{word}"\n'
-            f"gain = 0.0\nmix = {mix}\n")
+            "gain = 0.0\n")
+
+
+def colour_share(video, colour: str) -> float:
+    """Mean fraction of the frames covered by objects of this colour."""
+    return float(np.mean([data.colour_counts(f).get(colour, 0.0) for f in video]))
 
 
 def word_ablation(engine, captions: int = 20, frames: int = 21, chunk: int = 3, progress=None) -> dict:
@@ -182,11 +188,8 @@ def word_ablation(engine, captions: int = 20, frames: int = 21, chunk: int = 3, 
             engine.params.set("bend/ablate/mix", 0.0)
             silent, z_silent = stream_chunks(engine, spec.caption, frames, seed=j, chunk=chunk)
             exact &= bool(torch.equal(silent, before) and torch.equal(z_silent, z_before))
-
-        def share(video):
-            return float(np.mean([data.colour_counts(f).get(word, 0.0) for f in video]))
-
-        rows.append({"caption": spec.caption, "word": word, "before": share(before), "after": share(after)})
+        rows.append({"caption": spec.caption, "word": word, "before": colour_share(before, word),
+                     "after": colour_share(after, word)})
         progress(f"ablation {j + 1}/{len(specs)}: '{word}' covers {rows[-1]['before']:.3f} -> {rows[-1]['after']:.3f}")
     apply_patch(engine, unbent_patch)
     before = float(np.mean([r["before"] for r in rows]))
