@@ -294,6 +294,15 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path):
     assert "resumed" in r.stderr and "dit step 3 loss" in r.stderr
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["steps"] == {"codec": 2, "dit": 3} and state["stage"] == "done"
+    # a look at the latest checkpoint, as one takes of a run still training on the GPU
+    r = subprocess.run(cmd[:-4] + ["--export-only", str(tmp_path / "look")], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "look" / "model_index.json").read_text())
+    assert index["sketch"]["steps"] == {"codec": 2, "dit": 3}
+    r = subprocess.run([*cmd[:4], str(tmp_path / "empty"), "--export-only"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 # -- measuring a sketch model --------------------------------------------------------------------------------

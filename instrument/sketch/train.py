@@ -556,15 +556,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-only", nargs="?", const="", default=None, metavar="DIR",
+                        help="write the model folder (default OUT/model) from the latest checkpoint and stop; "
+                             "safe while a run is still training into OUT")
 
 
 def run(args) -> int:
     out = Path(args.out)
+    latest = Trainer.latest(out)
+    if args.export_only is not None:
+        return export_only(out, latest, args.export_only or None)
     if args.minutes is None and (args.codec_steps is None or args.dit_steps is None):
         raise UserError("give --minutes, or both --codec-steps and --dit-steps")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch")
-    latest = Trainer.latest(out)
     if latest is not None and not args.resume:
         raise UserError(f"--out {out}: holds a run (checkpoint {latest.name}); add --resume or pick another folder")
     if args.resume and latest is not None:
@@ -598,6 +603,19 @@ def run(args) -> int:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         if size > MAX_BYTES:
             progress(f"warning: the model folder is {size / 1e6:.1f} MB, over the 25 MB budget")
+    return 0
+
+
+def export_only(out: Path, latest: Path | None, folder: str | None) -> int:
+    """The model as of the latest checkpoint (a look at a run in progress), exported on the CPU."""
+    if latest is None:
+        raise UserError(f"--out {out}: no checkpoint to export")
+    cfg = Config.from_json(json.loads((latest / "state.json").read_text())["config"])
+    trainer = Trainer(out, cfg, "cpu")
+    trainer.load_checkpoint(latest)
+    if trainer.steps["dit"] == 0:
+        raise UserError(f"checkpoint {latest.name}: the DiT has not trained yet (codec stage)")
+    trainer.export(folder)
     return 0
 
 
