@@ -38,7 +38,7 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
 report() {
   cp "$log" "$OUT/" 2>/dev/null
   for f in "$RUN"/evals/*.log; do [ -e "$f" ] && grep -h "prompt following on" "$f" | sed "s|^|$(basename "$f" .log): |"; done
-  cp "$RUN"/evals/*.json "$OUT/" 2>/dev/null
+  for f in $(ls -t "$RUN"/evals/*.json 2>/dev/null | head -2); do cp "$f" "$OUT/"; done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   true
 }
