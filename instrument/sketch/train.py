@@ -105,6 +105,12 @@ class Config:
                    codec=dict(widths=(8, 8), latent_width=16, z_dim=16),
                    codec_batch=2, codec_frames=5, dit_batch=2, warmup=5, ema=0.9, codec_lr=3e-3, dit_lr=3e-3)
 
+    @classmethod
+    def proxy(cls) -> "Config":
+        """The shipped model and codec with CPU-sized batches: a check of the recipe on a machine without a
+        GPU (`--config proxy --codec-steps N --dit-steps M`); it sees far fewer clips than the GPU run."""
+        return cls(codec_batch=4, codec_frames=9, dit_batch=4)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -551,8 +557,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps instead of a time budget")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--config", choices=("default", "tiny"), default="default",
-                        help="tiny: a seconds-long CPU smoke run")
+    parser.add_argument("--config", choices=("default", "proxy", "tiny"), default="default",
+                        help="proxy: the shipped model with CPU-sized batches; tiny: a seconds-long CPU smoke run")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -575,7 +581,7 @@ def run(args) -> int:
     if args.resume and latest is not None:
         cfg = Config.from_json(json.loads((latest / "state.json").read_text())["config"])
     else:
-        cfg = Config.tiny() if args.config == "tiny" else Config()
+        cfg = {"default": Config, "proxy": Config.proxy, "tiny": Config.tiny}[args.config]()
         cfg.seed = args.seed
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
