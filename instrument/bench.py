@@ -103,10 +103,10 @@ def build_engine(args, progress):
     if device == "cpu" or args.model:
         return Engine.load(model=args.model, checkpoint=args.checkpoint, device=device, decoder=args.decoder,
                            tiny_decoder=args.tiny_decoder, progress=progress,
-                           compile=compile_ and device != "cpu", graphs=graphs and device != "cpu")
+                           compile=compile_ and device != "cpu", graphs=graphs and device != "cpu", fp8=args.fp8)
     dtype = torch.bfloat16
     comps = random_wan(args.config, device, dtype, progress)
-    engine = Engine(comps, device, dtype, "wan", None, progress, compile=compile_, graphs=graphs)
+    engine = Engine(comps, device, dtype, "wan", None, progress, compile=compile_, graphs=graphs, fp8=args.fp8)
     if args.decoder == "tiny":
         from .engine.taehv import TAEHV, TAEHVStreamingDecoder
 
@@ -241,7 +241,7 @@ def run(args) -> int:
         "model": engine.components.source, "device": str(engine.device), "dtype": str(engine.dtype),
         "decoder": engine.decoder_name, "chunk": args.chunk, "size": args.size or engine.default_size,
         "compile": engine.runner.compile, "cuda_graphs": engine.runner.graphs, "seconds": args.seconds,
-        "steps": 4, "context_pass": True}}
+        "steps": 4, "context_pass": True, "fp8": engine.fp8, "sink": args.sink, "window": args.window}}
     for phase in phases:
         progress(f"phase '{phase}': warming up, then {args.seconds:.0f} s timed")
         results[phase] = run_phase(engine, args, phase == "bent", progress)

@@ -37,6 +37,8 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help=f"prompt (default: the patch's, else '{DEFAULT_PROMPT}')")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the patch's, else 0)")
     p.add_argument("--patch", metavar="FILE", help="performance patch (TOML) with bends")
+    p.add_argument("--fp8", action="store_true",
+                   help="run the DiT blocks' linear layers in FP8 (e4m3; Ada/Hopper GPUs): faster, slightly less exact")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -54,7 +56,7 @@ def engine_from_args(args, progress):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine.load(model=args.model, checkpoint=args.checkpoint, device=device, decoder=args.decoder,
-                         tiny_decoder=args.tiny_decoder, progress=progress)
+                         tiny_decoder=args.tiny_decoder, progress=progress, fp8=args.fp8)
     if getattr(args, "patch", None):
         from .bends.patch import apply_patch_file
 

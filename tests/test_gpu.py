@@ -36,3 +36,20 @@ def test_compiled_graphs_match_eager_and_never_recapture_while_knobs_move():
     assert s.cache.full
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+def test_fp8_graphs_stay_near_bf16_and_never_recapture_while_knobs_move():
+    from instrument.engine import fp8
+
+    ok, why = fp8.supported("cuda")
+    if not ok:
+        pytest.skip(why)
+    ref_engine = Engine.load(device="cuda", compile=False, graphs=False)
+    fast = Engine.load(device="cuda", compile=True, graphs=True, fp8=True)
+    for e in (ref_engine, fast):
+        apply_patch(e, parse_patch(BENCH_BENDS, dims=e.dims))
+    ref, _ = stream_latents(ref_engine, 9, sweep)
+    got, _ = stream_latents(fast, 9, sweep)
+    assert fast.runner.captures == 1
+    for a, b in zip(ref, got):
+        assert ((b - a).norm() / a.norm()).item() < 0.15

@@ -89,11 +89,14 @@ class Engine:
     """Weights, text encoder and decoder, loaded once; `stream()` makes as many streams as needed."""
 
     def __init__(self, comps: Components, device, dtype, decoder: str = "wan", tiny_decoder: str | None = None,
-                 progress=None, compile: bool = False, graphs: bool = False):
+                 progress=None, compile: bool = False, graphs: bool = False, fp8: bool = False):
         self.progress = progress or Progress()
         self.device = torch.device(device)
         self.dtype = dtype
         self.components = comps
+        self.fp8 = fp8
+        if fp8:
+            self._quantize_fp8()
         self.dit = StreamingDiT(comps.transformer)
         self.runner = PassRunner(self.dit, self.device, compile=compile, graphs=graphs, progress=self.progress)
         self.text = PromptEncoder(comps.tokenizer, comps.text_encoder, comps.text_len, self.device,
@@ -107,11 +110,21 @@ class Engine:
         elif decoder != "wan":
             raise UserError(f"--decoder {decoder}: expected wan or tiny")
 
+    def _quantize_fp8(self) -> None:
+        from . import fp8
+
+        ok, why = fp8.supported(self.device)
+        if not ok:
+            raise UserError(f"--fp8: this GPU cannot run FP8 matmuls ({why}); drop --fp8")
+        count = fp8.quantize_blocks(self.components.transformer)
+        self.progress(f"FP8: {count} linear layers of the DiT's blocks quantized to e4m3 ({why})")
+
     @classmethod
     def load(cls, model: str | None = None, checkpoint: str | None = None, device: str = "cpu", dtype=None,
              decoder: str = "wan", tiny_decoder: str | None = None, progress=None, compile: bool | None = None,
-             graphs: bool | None = None) -> "Engine":
-        """Load weights and build the engine. compile / graphs default to on for CUDA, off for the CPU."""
+             graphs: bool | None = None, fp8: bool = False) -> "Engine":
+        """Load weights and build the engine. compile / graphs default to on for CUDA, off for the CPU;
+        fp8 runs the blocks' linear layers in e4m3 (instrument/engine/fp8.py)."""
         progress = progress or Progress()
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to torch")
@@ -120,7 +133,8 @@ class Engine:
         comps = load_components(model, checkpoint, device, dtype, progress)
         cuda = torch.device(device).type == "cuda"
         engine = cls(comps, device, dtype, decoder, tiny_decoder, progress,
-                     compile=cuda if compile is None else compile, graphs=cuda if graphs is None else graphs)
+                     compile=cuda if compile is None else compile, graphs=cuda if graphs is None else graphs,
+                     fp8=fp8)
         progress(f"ready: {comps.source} on {device} ({str(dtype).replace('torch.', '')})")
         return engine
 
