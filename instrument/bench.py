@@ -159,8 +159,8 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
     else:
         engine.set_bends(BendSites.empty())
     stream = engine.stream(args.prompt or BENCH_PROMPT, seed=args.seed or 0, size=args.size, chunk=args.chunk,
-                           sink=args.sink, window=args.window)
-    stream.sync_timing = True
+                           sink=args.sink, window=args.window, overlap_decode=args.overlap_decode)
+    stream.sync_timing = not args.overlap_decode  # overlapped, CUDA events split DiT from decode instead
     names = [s.name for s in engine.params.specs("bend/")]
     t_warm = time.perf_counter()
     warm_chunks = 0
@@ -241,7 +241,8 @@ def run(args) -> int:
         "model": engine.components.source, "device": str(engine.device), "dtype": str(engine.dtype),
         "decoder": engine.decoder_name, "chunk": args.chunk, "size": args.size or engine.default_size,
         "compile": engine.runner.compile, "cuda_graphs": engine.runner.graphs, "seconds": args.seconds,
-        "steps": 4, "context_pass": True, "fp8": engine.fp8, "sink": args.sink, "window": args.window}}
+        "steps": 4, "context_pass": True, "fp8": engine.fp8, "sink": args.sink, "window": args.window,
+        "overlap_decode": args.overlap_decode}}
     for phase in phases:
         progress(f"phase '{phase}': warming up, then {args.seconds:.0f} s timed")
         results[phase] = run_phase(engine, args, phase == "bent", progress)

@@ -37,6 +37,8 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help=f"prompt (default: the patch's, else '{DEFAULT_PROMPT}')")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: the patch's, else 0)")
     p.add_argument("--patch", metavar="FILE", help="performance patch (TOML) with bends")
+    p.add_argument("--overlap-decode", action="store_true",
+                   help="decode each chunk on a second CUDA stream while the next chunk's DiT runs")
     p.add_argument("--fp8", action="store_true",
                    help="run the DiT blocks' linear layers in FP8 (e4m3; Ada/Hopper GPUs): faster, slightly less exact")
 
@@ -81,7 +83,8 @@ def run(args) -> int:
     progress = Progress()
     engine = engine_from_args(args, progress)
     prompt, seed = prompt_and_seed(args, engine)
-    stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk, sink=args.sink, window=args.window)
+    stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk, sink=args.sink, window=args.window,
+                           overlap_decode=args.overlap_decode)
     w, h = stream.settings.width, stream.settings.height
     writer = VideoWriter(out, w, h, FPS)
     written, start = 0, time.monotonic()

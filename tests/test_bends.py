@@ -331,16 +331,20 @@ class Explode(B.HiddenScale):
     knobs = (B.Knob("factor", -1e38, 1e38, 1e38),)
 
 
-def test_nan_guard_holds_and_the_stream_recovers(rig):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped-decode"])
+def test_nan_guard_holds_and_the_stream_recovers(rig, overlap):
     engine, kw, unbent = rig
     B.OPS[Explode.op] = Explode
     try:
         apply_patch(engine, parse_patch('[[bend]]\nname="boom"\nop="test.explode"\nlayers="0-1"\n', dims=engine.dims))
-        s = engine.stream(PROMPT, seed=3, **kw)
+        s = engine.stream(PROMPT, seed=3, overlap_decode=overlap, **kw)
         c = s.next()
         assert torch.isfinite(c.latents).all()
         assert any("boom" in w and "non-finite" in w for w in c.warnings)
         engine.params.set("bend/boom/mix", 0.0)
+        if overlap:  # the next chunk was launched before the knob moved: it blows up, and is repaired too
+            c = s.next()
+            assert torch.isfinite(c.latents).all() and c.warnings
         for _ in range(3):
             c = s.next()
             assert torch.isfinite(c.latents).all() and not c.warnings
@@ -601,3 +605,32 @@ def test_a_patch_armed_again_reuses_its_bends_with_its_own_values(rig):
     again = engine.dit.bends.bends[0]
     assert again is first  # same objects: a captured graph that reads them replays
     assert engine.params.get("bend/m/temperature") == 2.0 and float(again.k("temperature")) == 2.0
+
+
+def test_overlapped_decode_streams_the_same_frames_with_knobs_one_chunk_later(rig):
+    """overlap_decode launches chunk i+1's DiT before returning chunk i: the same stream, and a knob set
+    between two calls reaches the chunk after the one it reaches otherwise (that one is already computed)."""
+    engine, kw, _ = rig
+    apply_patch(engine, parse_patch('[[bend]]\nname="t"\nop="self.temperature"\ntemperature=3.0\n',
+                                    dims=engine.dims))
+
+    def play(overlap, turn_at=None, chunks=6):
+        engine.params.set("bend/t/mix", 0.0)
+        s = engine.stream(PROMPT, seed=3, overlap_decode=overlap, **kw)
+        out = []
+        for i in range(chunks):
+            if i == turn_at:
+                engine.params.set("bend/t/mix", 1.0)
+            out.append(s.next())
+        return s, out
+
+    _, still = play(False)
+    _, plain = play(False, turn_at=3)
+    s, overlapped = play(True, turn_at=3)
+    assert same(plain[:3], still[:3]) and not same(plain[3:4], still[3:4])
+    assert same(overlapped[:4], still[:4]), "chunk 3 was launched before the knob moved"
+    assert not same(overlapped[4:5], still[4:5])
+    s.reset()  # a reset drops the chunk in flight: the stream starts over exactly
+    engine.params.set("bend/t/mix", 0.0)
+    assert same([s.next() for _ in range(3)], still[:3])
+    engine.set_bends(BendSites.empty())

@@ -113,14 +113,15 @@ def test_fp8_compiles_once_for_every_layer_and_pass():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_bench_on_the_cpu_with_fp8_reports_it(tmp_path):
+def test_bench_on_the_cpu_runs_fp8_with_the_decode_overlapped(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "instrument.cli", "bench", "--device", "cpu", "--seconds", "1",
-                        "--fp8", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--fp8", "--overlap-decode", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FP8:" in r.stderr
     res = json.loads(out.read_text())
-    assert res["settings"]["fp8"] is True and res["settings"]["window"] == 12
+    assert res["settings"]["fp8"] is True and res["settings"]["overlap_decode"] is True
+    assert res["settings"]["window"] == 12
     for phase in ("unbent", "bent"):
         assert res[phase]["fps"] > 0 and res[phase]["recompiles"] == 0
     assert "bend_overhead_pct" in res

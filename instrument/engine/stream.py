@@ -16,6 +16,7 @@ the latest, so memory stays flat however long the stream runs.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,9 @@ class StreamSettings:
     # which a plain flow-matching model (the sketch model) needs: its x0 is a mean over what the noise
     # leaves open, and fresh noise around a mean never commits to one picture.
     sampler: str = "renoise"
+    # Decode chunk i on a second CUDA stream while chunk i+1's DiT runs (the DiT of i+1 is launched before
+    # chunk i is returned, with the knobs as they are then). On the CPU it changes the order, not the speed.
+    overlap_decode: bool = False
 
     def validate(self, patch=(1, 2, 2)) -> None:
         mult = VAE_STRIDE[1] * patch[1]
@@ -72,6 +76,17 @@ class StreamSettings:
     @property
     def sigmas(self) -> list[float]:
         return [warp(t, self.shift) for t in self.schedule]
+
+
+@dataclass
+class _Launched:
+    """A chunk whose DiT work is enqueued on the device: its clean latents exist once that work is done."""
+
+    first: int
+    x0: torch.Tensor
+    arrived: float | None
+    t0: float  # host time its launch began
+    events: tuple | None  # CUDA events around its DiT work
 
 
 @dataclass
@@ -220,13 +235,14 @@ class Engine:
 
     def stream(self, prompt: str = "", seed: int = 0, size: tuple[int, int] | None = None, chunk: int = 3,
                sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float | None = None,
-               sampler: str | None = None) -> "Stream":
+               sampler: str | None = None, overlap_decode: bool = False) -> "Stream":
         """shift and sampler default to what the model folder says (the sketch model), else Wan's."""
         w, h = size or self.default_size
         native = self.components.sampling or {}
         settings = StreamSettings(w, h, chunk, sink, window, tuple(schedule),
                                   float(native.get("shift", SHIFT)) if shift is None else shift,
-                                  str(native.get("sampler", "renoise")) if sampler is None else sampler)
+                                  str(native.get("sampler", "renoise")) if sampler is None else sampler,
+                                  overlap_decode)
         settings.validate(self.dit.patch)
         return Stream(self, settings, prompt, seed)
 
@@ -248,6 +264,10 @@ class Stream:
                                        device=engine.device, dtype=engine.dtype)
         self.warnings: list[str] = []
         self.sync_timing = False  # bench: wait for the GPU to split DiT from decode time
+        self._launched: _Launched | None = None  # overlap_decode: the next chunk, already on its way
+        self._emitted_at: float | None = None
+        cuda = engine.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(engine.device) if cuda and settings.overlap_decode else None
         self.prompts: list[EncodedPrompt | None] = [engine.text.encode(prompt), None]
         self.context: PromptContext | None = None
         self._context_key = None
@@ -267,6 +287,8 @@ class Stream:
         self.frame = 0
         self.index = 0
         self._recache = False
+        self._launched = None
+        self._emitted_at = None
 
     def set_prompt(self, text: str, slot: int = 0) -> EncodedPrompt:
         """Prompt A (slot 0) or B (slot 1). Changing A re-encodes the cached window with the new prompt."""
@@ -290,6 +312,55 @@ class Stream:
 
     @torch.no_grad()
     def next(self) -> Chunk:
+        if self.settings.overlap_decode:
+            return self._next_overlapped()
+        launched = self._launch()
+        x0 = self._settle(launched)
+        if self.sync_timing and self.engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        frames = self._decode(x0).to("cpu")
+        t2 = time.perf_counter()
+        return self._emit(launched, x0, frames, {"dit_s": t1 - launched.t0, "decode_s": t2 - t1,
+                                                 "chunk_s": t2 - launched.t0})
+
+    def _next_overlapped(self) -> Chunk:
+        """Chunk i's frames, decoded on a second stream while chunk i+1's DiT runs on the first."""
+        if self._launched is None:
+            self._launched = self._launch()
+        launched, self._launched = self._launched, None
+        x0 = self._settle(launched)  # the host waits here for chunk i's DiT, not for anything later
+        side = self._decode_stream
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            x0.record_stream(side)  # its memory must outlive the decode on the other stream
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            d0 = self._event()
+            frames = self._decode(x0)
+            d1 = self._event()
+        t_decode = time.perf_counter()
+        self._launched = self._launch()  # chunk i+1's DiT, queued behind chunk i's on the first stream
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            frames = frames.to("cpu")  # waits for the decode alone
+        now = time.perf_counter()
+        if side is not None:
+            dit_s = launched.events[0].elapsed_time(launched.events[1]) / 1000.0
+            decode_s = d0.elapsed_time(d1) / 1000.0
+        else:
+            dit_s, decode_s = t_decode - launched.t0, now - t_decode
+        period = now - (self._emitted_at if self._emitted_at is not None else launched.t0)
+        self._emitted_at = now
+        return self._emit(launched, x0, frames, {"dit_s": dit_s, "decode_s": decode_s, "chunk_s": period})
+
+    def _event(self):
+        if self.engine.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _launch(self) -> _Launched:
+        """Enqueue one chunk's DiT work (4 steps and the clean pass) with the knobs as they are now."""
         e = self.engine
         t0 = time.perf_counter()
         arrived = e.params.take_arrivals()
@@ -301,6 +372,7 @@ class Stream:
 
         s = self.settings
         first = self.frame
+        start = self._event()
         self.cache.place(first, s.chunk)
         rope = rope_tables(self.grid, first, e.dit.head_dim, device=e.device)
         sigmas = s.sigmas
@@ -318,20 +390,22 @@ class Stream:
         e.runner(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP, len(sigmas))
         for j in range(s.chunk):
             self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
-        x0 = self._recover_if_broken(x0)
-        if self.sync_timing and e.device.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        frames = self.decoder.decode(x0.float() if e.device.type == "cpu" else x0)
-        frames = frames.to("cpu")
-        t2 = time.perf_counter()
         self.frame += s.chunk
-        chunk = Chunk(self.index, first, x0, frames, arrived,
-                      {"dit_s": t1 - t0, "decode_s": t2 - t1, "chunk_s": t2 - t0}, list(self.warnings))
+        return _Launched(first, x0, arrived, t0, None if start is None else (start, self._event()))
+
+    def _settle(self, launched: _Launched) -> torch.Tensor:
+        """Its clean latents, checked: waits for its DiT work; must run before the next chunk launches."""
+        return self._recover_if_broken(launched.x0, launched.first)
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(x0.float() if self.engine.device.type == "cpu" else x0)
+
+    def _emit(self, launched: _Launched, x0, frames, timings) -> Chunk:
+        chunk = Chunk(self.index, launched.first, x0, frames, launched.arrived, timings, list(self.warnings))
         self.index += 1
         return chunk
 
-    def _recover_if_broken(self, x0: torch.Tensor) -> torch.Tensor:
+    def _recover_if_broken(self, x0: torch.Tensor, first: int) -> torch.Tensor:
         """A bend that blew up past its guards must not poison the stream: report, repair, re-cache."""
         caught = self.engine.dit.bends.take_bad()
         self.warnings = [f"NaN guard: bend '{name}' produced {int(n)} non-finite values (zeroed)"
@@ -341,14 +415,14 @@ class Stream:
         self.warnings.append("NaN guard: the chunk went non-finite; repaired and the cache rebuilt")
         x0 = torch.nan_to_num(x0, nan=0.0, posinf=0.0, neginf=0.0)
         for j in range(self.settings.chunk):
-            self.latent_ring[:, :, self.cache.slot_of(self.frame + j)] = x0[:, :, j]
+            self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
         # Rebuild the cache from the (finite) latents with the bends out of the way: whatever blew up
         # must not live on in what every later chunk attends to.
         from ..bends.sites import BendSites
 
         armed, self.engine.dit.bends = self.engine.dit.bends, BendSites.empty()
         try:
-            self._recache_window(end=self.frame + self.settings.chunk)
+            self._recache_window(end=first + self.settings.chunk)
         finally:
             self.engine.dit.bends = armed
         return x0

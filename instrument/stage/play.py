@@ -202,7 +202,7 @@ class Play:
         engine.patch = first
         prompt, seed = prompt_and_seed(args, engine)
         stream = engine.stream(prompt, seed=seed, size=args.size, chunk=args.chunk, sink=args.sink,
-                               window=args.window)
+                               window=args.window, overlap_decode=args.overlap_decode)
         mappings = []
         for m in args.mapping:
             try:
