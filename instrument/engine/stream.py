@@ -86,6 +86,7 @@ class _Launched:
     x0: torch.Tensor
     arrived: float | None
     t0: float  # host time its launch began
+    t1: float  # ... and ended (on the CPU the work is done by then; on a GPU only queued)
     events: tuple | None  # CUDA events around its DiT work
 
 
@@ -334,6 +335,7 @@ class Stream:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
             x0.record_stream(side)  # its memory must outlive the decode on the other stream
+        t_d0 = time.perf_counter()
         with torch.cuda.stream(side) if side is not None else nullcontext():
             d0 = self._event()
             frames = self._decode(x0)
@@ -346,8 +348,8 @@ class Stream:
         if side is not None:
             dit_s = launched.events[0].elapsed_time(launched.events[1]) / 1000.0
             decode_s = d0.elapsed_time(d1) / 1000.0
-        else:
-            dit_s, decode_s = t_decode - launched.t0, now - t_decode
+        else:  # everything ran in turn on the host: the launch's own time, the rest is decoding
+            dit_s, decode_s = launched.t1 - launched.t0, t_decode - t_d0
         period = now - (self._emitted_at if self._emitted_at is not None else launched.t0)
         self._emitted_at = now
         return self._emit(launched, x0, frames, {"dit_s": dit_s, "decode_s": decode_s, "chunk_s": period})
@@ -391,7 +393,7 @@ class Stream:
         for j in range(s.chunk):
             self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
         self.frame += s.chunk
-        return _Launched(first, x0, arrived, t0, None if start is None else (start, self._event()))
+        return _Launched(first, x0, arrived, t0, time.perf_counter(), None if start is None else (start, self._event()))
 
     def _settle(self, launched: _Launched) -> torch.Tensor:
         """Its clean latents, checked: waits for its DiT work; must run before the next chunk launches."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call (the `device` tool, nvidia-h200) that benches the speed variants of a BENCHMARKS.md round:
+# the real Wan2.1-T2V-1.3B configuration with random weights, TAEHV of random weights, 832x480, chunk 3,
+# unbent and bent phases each. Each variant writes $OUT/<name>.json; the compile cache is shared, so only
+# the first variant compiles cold.
+#
+#   tools/device-bench.sh [SECONDS]        # default 15 s timed per phase
+#   DEVICE=cpu DECODER=wan SIZE=128x128 tools/device-bench.sh 1   # a dry run of the script on a CPU
+#
+# Carry .whl (../shared/tools/gpu-wheels). Variants: name, then extra `instrument bench` arguments.
+set -u
+seconds=${1:-15}
+DEVICE=${DEVICE:-cuda}
+DECODER=${DECODER:-tiny}
+SIZE=${SIZE:-832x480}
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>/dev/null
+git rev-parse --short HEAD 2>/dev/null
+
+variant() {
+  local name=$1; shift
+  echo "== $name: $*"
+  python3 -m instrument.cli bench --device "$DEVICE" --decoder "$DECODER" --size "$SIZE" --chunk 3 --seconds "$seconds" \
+    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|error)|Error|error:" | tail -n 6
+}
+
+variant base
+variant overlap --overlap-decode
+variant fp8 --fp8
+variant fp8-overlap --fp8 --overlap-decode
+variant fp8-overlap-w9 --fp8 --overlap-decode --window 9
+variant fp8-overlap-chunk1 --fp8 --overlap-decode --chunk 1
+ls -l "$OUT"
