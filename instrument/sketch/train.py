@@ -111,6 +111,15 @@ class Config:
         GPU (`--config proxy --codec-steps N --dit-steps M`); it sees far fewer clips than the GPU run."""
         return cls(codec_batch=4, codec_frames=9, dit_batch=4)
 
+    @classmethod
+    def small(cls) -> "Config":
+        """A 64x64 model a 2-core CPU trains in under an hour: a check of the recipe (what the captions
+        teach, which sampler and shift) where no GPU is at hand, not a model to ship."""
+        return cls(size=64, codec=dict(widths=(16, 32), latent_width=64, z_dim=16),
+                   transformer=dict(TRANSFORMER, num_attention_heads=4, attention_head_dim=32, ffn_dim=512,
+                                    num_layers=4),
+                   codec_batch=8, codec_frames=9, dit_batch=8)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -557,8 +566,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps instead of a time budget")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--config", choices=("default", "proxy", "tiny"), default="default",
-                        help="proxy: the shipped model with CPU-sized batches; tiny: a seconds-long CPU smoke run")
+    parser.add_argument("--config", choices=("default", "proxy", "small", "tiny"), default="default",
+                        help="proxy: the shipped model with CPU-sized batches; small: a 64x64 model a CPU trains "
+                             "in under an hour; tiny: a seconds-long CPU smoke run")
+    parser.add_argument("--shift", type=float, default=None,
+                        help=f"a new run's sigmas: the engine's 4 timesteps warped with this shift (default {SHIFT:g})")
+    parser.add_argument("--sampler", choices=("ddim", "renoise"), default=None,
+                        help="how the engine samples a new run's model (default ddim)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -581,8 +595,12 @@ def run(args) -> int:
     if args.resume and latest is not None:
         cfg = Config.from_json(json.loads((latest / "state.json").read_text())["config"])
     else:
-        cfg = {"default": Config, "proxy": Config.proxy, "tiny": Config.tiny}[args.config]()
+        cfg = {"default": Config, "proxy": Config.proxy, "small": Config.small, "tiny": Config.tiny}[args.config]()
         cfg.seed = args.seed
+        if args.shift is not None:
+            cfg.shift = args.shift
+        if args.sampler is not None:
+            cfg.sampler = args.sampler
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
