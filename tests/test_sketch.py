@@ -392,3 +392,15 @@ def test_codec_loss_weighs_pixels_by_their_distance_from_the_frames_median(tmp_p
     trainer.cfg.codec_object_weight = 0.0
     trainer.generator.set_state(state)
     assert torch.equal(weighted, trainer.codec_loss(plain))
+
+
+def test_a_new_run_takes_its_shift_and_sampler_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
+                        "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
+    assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
+    state = json.loads((Trainer.latest(out) / "state.json").read_text())
+    assert state["config"]["shift"] == 1.0
