@@ -173,6 +173,7 @@ class _MaskedSelfAttention:
 
         self.inner = WanAttnProcessor()
         self.mask: torch.Tensor | None = None
+        self.mask_key = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.mask if encoder_hidden_states is None else None
@@ -201,8 +202,11 @@ def teacher_forcing_forward(model, processor: _MaskedSelfAttention, clean, noise
     rope_dtype = torch.float64 if clean.dtype == torch.float64 else torch.float32
     cos, sin = torch.cat(cos, dim=1).to(rope_dtype), torch.cat(sin, dim=1).to(rope_dtype)
     rope = (torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1))
-    mask = teacher_forcing_mask(frames, cfg.chunk, cfg.sink, cfg.window)
-    processor.mask = mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(dev)
+    key = (frames, tpf, cfg.chunk, cfg.sink, cfg.window, dev)
+    if processor.mask_key != key:  # the same every step: built once, kept on the device
+        mask = teacher_forcing_mask(frames, cfg.chunk, cfg.sink, cfg.window)
+        processor.mask = mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(dev)
+        processor.mask_key = key
 
     seq = torch.cat([clean, noised], dim=2)
     x = model.patch_embedding(seq.to(model.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
