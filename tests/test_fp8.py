@@ -115,13 +115,14 @@ def test_fp8_compiles_once_for_every_layer_and_pass():
 
 def test_bench_on_the_cpu_runs_fp8_with_the_decode_overlapped(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "instrument.cli", "bench", "--device", "cpu", "--seconds", "1",
-                        "--fp8", "--overlap-decode", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "instrument.cli", "bench", "--device", "cpu", "--seconds", "0.5",
+                        "--size", "64x48", "--window", "3", "--fp8", "--overlap-decode", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FP8:" in r.stderr
     res = json.loads(out.read_text())
     assert res["settings"]["fp8"] is True and res["settings"]["overlap_decode"] is True
-    assert res["settings"]["window"] == 12
+    assert res["settings"]["window"] == 3 and res["settings"]["size"] == [64, 48]
     for phase in ("unbent", "bent"):
         assert res[phase]["fps"] > 0 and res[phase]["recompiles"] == 0
     assert "bend_overhead_pct" in res
