@@ -54,7 +54,7 @@ class Recorder:
         self.warnings.append(message)
 
 
-def wait_for(cond, timeout=5.0):
+def wait_for(cond, timeout=10.0):  # generous: a loaded machine delays JACK
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
