@@ -255,7 +255,7 @@ def test_exported_folder_loads_through_the_engine(tmp_path):
     assert not (folder / "vae").exists()
     comps = load_components(str(folder), None, "cpu", torch.float32)
     assert isinstance(comps.vae, Codec) and comps.native_size == (32, 32)
-    assert comps.sampling == {"shift": trainer.cfg.shift, "sampler": "ddim"}
+    assert comps.sampling == {"shift": trainer.cfg.shift, "sampler": "ddim", "schedule": [1000.0, 750.0, 500.0, 250.0]}
     ema = {k[len("transformer."):]: v for k, v in trainer.ema.items() if k.startswith("transformer.")}
     loaded = comps.transformer.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ema.items())
@@ -394,13 +394,27 @@ def test_codec_loss_weighs_pixels_by_their_distance_from_the_frames_median(tmp_p
     assert torch.equal(weighted, trainer.codec_loss(plain))
 
 
-def test_a_new_run_takes_its_shift_and_sampler_from_the_command_line(tmp_path):
+def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
-                        "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise"],
+                        "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
+                        "--schedule", "1000,900,700,300"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
+    assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0]
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["config"]["shift"] == 1.0
+    trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
+    assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
+    # the engine samples the model as it was trained, unless told otherwise
+    engine = Engine.load(str(out / "model"), progress=quiet)
+    settings = engine.stream("a red circle").settings
+    assert settings.schedule == (1000.0, 900.0, 700.0, 300.0) and settings.shift == 1.0
+    assert settings.sampler == "renoise"
+    assert engine.stream("a red circle", schedule=(1000, 750, 500, 250)).settings.schedule[1] == 750.0
+    bad = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "bad"),
+                          "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr

@@ -30,7 +30,7 @@ class Components:
     text_len: int
     source: str
     native_size: tuple[int, int] | None = None  # (width, height) the model was trained at, if it says
-    sampling: dict | None = None  # {"shift": 5.0, "sampler": "ddim"}: how the model was trained to be sampled
+    sampling: dict | None = None  # {"shift", "sampler", "schedule"}: how the model was trained to be sampled
 
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
@@ -114,7 +114,7 @@ def _load_folder(root: Path, dtype, progress) -> Components:
         sketch = json.loads((root / "model_index.json").read_text()).get("sketch") or {}
         if "size" in sketch:
             size = (int(sketch["size"][0]), int(sketch["size"][1]))
-        sampling = {k: sketch[k] for k in ("shift", "sampler") if k in sketch} or None
+        sampling = {k: sketch[k] for k in ("shift", "sampler", "schedule") if k in sketch} or None
     except (OSError, ValueError, TypeError, IndexError, AttributeError):
         pass
     return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root), size, sampling)

@@ -235,12 +235,14 @@ class Engine:
         return self.components.native_size or WAN_SIZE
 
     def stream(self, prompt: str = "", seed: int = 0, size: tuple[int, int] | None = None, chunk: int = 3,
-               sink: int = 3, window: int = 12, schedule=SCHEDULE, shift: float | None = None,
+               sink: int = 3, window: int = 12, schedule=None, shift: float | None = None,
                sampler: str | None = None, overlap_decode: bool = False) -> "Stream":
-        """shift and sampler default to what the model folder says (the sketch model), else Wan's."""
+        """schedule, shift and sampler default to what the model folder says (the sketch model), else Wan's."""
         w, h = size or self.default_size
         native = self.components.sampling or {}
-        settings = StreamSettings(w, h, chunk, sink, window, tuple(schedule),
+        if schedule is None:
+            schedule = native.get("schedule", SCHEDULE)
+        settings = StreamSettings(w, h, chunk, sink, window, tuple(float(t) for t in schedule),
                                   float(native.get("shift", SHIFT)) if shift is None else shift,
                                   str(native.get("sampler", "renoise")) if sampler is None else sampler,
                                   overlap_decode)

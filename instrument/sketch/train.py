@@ -73,7 +73,8 @@ class Config:
     gap_prob: float = 0.5
     max_gap: int = 240  # latent frames (960 video frames, one minute at 16 fps)
     text_len: int = 32
-    shift: float = SHIFT  # the engine's 4 timesteps warped with this shift are the sigmas trained on
+    shift: float = SHIFT  # the 4 timesteps below warped with this shift are the sigmas trained on
+    schedule: tuple = SCHEDULE  # timesteps (0..1000) the engine samples with, one per step
     sampler: str = "ddim"  # how the engine samples it (plain flow matching: keep the implied noise)
     transformer: dict = field(default_factory=lambda: dict(TRANSFORMER))
     text_encoder: dict = field(default_factory=lambda: dict(TEXT_ENCODER))
@@ -128,6 +129,7 @@ class Config:
         obj = dict(obj)
         obj["codec"] = dict(obj["codec"], widths=tuple(obj["codec"]["widths"]))
         obj["transformer"] = dict(obj["transformer"], patch_size=tuple(obj["transformer"]["patch_size"]))
+        obj["schedule"] = tuple(obj.get("schedule", SCHEDULE))  # runs from before it was a setting
         return cls(**obj)
 
 
@@ -267,7 +269,7 @@ class Trainer:
         self.elapsed = {"codec": 0.0, "dit": 0.0}
         self.losses: list[float] = []
         self._previous: str | None = None  # the checkpoint before the newest, kept as a fallback
-        self.sigmas = torch.tensor([warp(t, config.shift) for t in SCHEDULE], device=self.device)
+        self.sigmas = torch.tensor([warp(t, config.shift) for t in config.schedule], device=self.device)
         self.autocast = self.device.type == "cuda"
 
     # -- batches: a function of (seed, stage, step) only --------------------------------------------------
@@ -501,7 +503,8 @@ class Trainer:
             "codec": ["instrument.sketch.codec", "Codec"],
             "sketch": {"size": [self.cfg.size, self.cfg.size], "fps": data.FPS, "chunk": self.cfg.chunk,
                        "sink": self.cfg.sink, "window": self.cfg.window, "text_len": self.cfg.text_len,
-                       "shift": self.cfg.shift, "sampler": self.cfg.sampler, "steps": self.steps},
+                       "shift": self.cfg.shift, "sampler": self.cfg.sampler,
+                       "schedule": list(self.cfg.schedule), "steps": self.steps},
         }, indent=1))
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
@@ -575,6 +578,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "in under an hour; tiny: a seconds-long CPU smoke run")
     parser.add_argument("--shift", type=float, default=None,
                         help=f"a new run's sigmas: the engine's 4 timesteps warped with this shift (default {SHIFT:g})")
+    parser.add_argument("--schedule", default=None, metavar="T1,T2,...",
+                        help="a new run's timesteps (0..1000, one per engine step, decreasing; default "
+                             f"{','.join(f'{t:g}' for t in SCHEDULE)}), warped with --shift")
     parser.add_argument("--sampler", choices=("ddim", "renoise"), default=None,
                         help="how the engine samples a new run's model (default ddim)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
@@ -605,6 +611,8 @@ def run(args) -> int:
             cfg.shift = args.shift
         if args.sampler is not None:
             cfg.sampler = args.sampler
+        if args.schedule is not None:
+            cfg.schedule = parse_schedule(args.schedule)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -632,6 +640,18 @@ def run(args) -> int:
         if size > MAX_BYTES:
             progress(f"warning: the model folder is {size / 1e6:.1f} MB, over the 25 MB budget")
     return 0
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    try:
+        steps = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"--schedule {text}: expected timesteps separated by commas, e.g. 1000,750,500,250") from None
+    if len(steps) != len(SCHEDULE) or any(not 0 < t <= 1000 for t in steps) or any(
+            a <= b for a, b in zip(steps, steps[1:])):
+        raise UserError(f"--schedule {text}: {len(SCHEDULE)} timesteps in (0, 1000], decreasing (the engine "
+                        "runs 4 steps, and bends target them by number)")
+    return steps
 
 
 def export_only(out: Path, latest: Path | None, folder: str | None) -> int:
