@@ -319,6 +319,7 @@ def test_the_evaluation_statistics_read_the_procedural_clips_back():
 
     r = prompt_following(None, captions=60, frames=9, source="clips")
     assert r["object_colour"] >= 0.95 and r["background_colour"] >= 0.95, (r["object_colour"], r["background_colour"])
+    assert r["object_frames"] >= 0.9 and len(r["object_frames_by_index"]) == 9  # the clips show it in each frame
     first = r["rows"][0]
     assert data.describe(first["caption"]).background_colour == first["background"]
     assert data.background_colour(torch.full((16, 16, 3), 0.5)) == "grey"  # a flat frame is all background

@@ -395,7 +395,8 @@ def dominant_colour(frame, min_fraction: float = 0.002) -> str | None:
     return name if frac >= min_fraction else None
 
 
-def _frames_of(video):
+def frames_of(video):
+    """The frames of a clip, [3, T, H, W] float (as rendered) or [T, H, W, 3] (as streamed)."""
     v = torch.as_tensor(video)
     return v.unbind(1) if (v.ndim == 4 and v.shape[0] == 3 and v.shape[-1] != 3) else v.unbind(0)
 
@@ -407,9 +408,9 @@ def _vote(votes: list) -> str | None:
 
 def dominant_colour_of_clip(video) -> str | None:
     """Majority vote of `dominant_colour` over the frames of a clip ([3, T, H, W] float or [T, H, W, 3])."""
-    return _vote([dominant_colour(f) for f in _frames_of(video)])
+    return _vote([dominant_colour(f) for f in frames_of(video)])
 
 
 def background_colour_of_clip(video) -> str | None:
     """Majority vote of `background_colour` over the frames of a clip (layouts as dominant_colour_of_clip)."""
-    return _vote([background_colour(f) for f in _frames_of(video)])
+    return _vote([background_colour(f) for f in frames_of(video)])

@@ -12,7 +12,8 @@ model would reach on the same captions, and the clips through the codec, encoded
 
 - prompt following: held-out captions (clip seeds the trainer never draws); a stream agrees with its
   caption when its dominant object colour is one the caption names and its background is the caption's
-  background colour.
+  background colour; `object_frames` counts, frame by frame, where a colour the caption names is the
+  frame's dominant object colour (a clip's majority vote hides an object that shows, then fades).
 - coherence: one stream of 1000+ frames per caption; per chunk the object colour, the frames' contrast
   (pixel std) and the change from frame to frame; collapse is a stream whose last fifth lost its contrast
   (below half the first fifth's, or below MIN_CONTRAST) or stopped following its caption compared with
@@ -103,8 +104,10 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
             video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)
         obj, bg = data.dominant_colour_of_clip(video), data.background_colour_of_clip(video)
         ok_obj, ok_bg = _agrees(spec.description, obj, bg)
+        # frame by frame too: a clip's vote hides whether its object shows early and then fades
+        shown = [data.dominant_colour(f) in spec.description.colours for f in data.frames_of(video)[:frames]]
         rows.append({"caption": spec.caption, "object": obj, "background": bg, "object_ok": ok_obj,
-                     "background_ok": ok_bg})
+                     "background_ok": ok_bg, "object_frames": shown})
         if (j + 1) % 10 == 0:
             progress(f"prompt following ({source}): {j + 1}/{captions} captions, object colour agrees on "
                      f"{sum(r['object_ok'] for r in rows)}")
@@ -114,6 +117,9 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
         "object_colour": sum(r["object_ok"] for r in rows) / n,
         "background_colour": sum(r["background_ok"] for r in rows) / n,
         "both": sum(r["object_ok"] and r["background_ok"] for r in rows) / n,
+        "object_frames": sum(sum(r["object_frames"]) for r in rows) / sum(len(r["object_frames"]) for r in rows),
+        "object_frames_by_index": [sum(r["object_frames"][i] for r in rows if i < len(r["object_frames"]))
+                                   for i in range(frames)],
         "rows": rows,
     }
 
@@ -257,7 +263,8 @@ def run(args) -> int:
     if "following" in only:
         r = report["prompt_following"] = prompt_following(engine, args.captions, progress=progress)
         progress(f"prompt following on {r['captions']} held-out captions: object colour {r['object_colour']:.1%}, "
-                 f"background {r['background_colour']:.1%}, both {r['both']:.1%}")
+                 f"background {r['background_colour']:.1%}, both {r['both']:.1%}; the object's colour shows in "
+                 f"{r['object_frames']:.1%} of the frames")
     if "coherence" in only:
         report["coherence"] = []
         for j, spec in enumerate(held_out_specs(args.long_captions)):
