@@ -395,22 +395,27 @@ def dominant_colour(frame, min_fraction: float = 0.002) -> str | None:
     return name if frac >= min_fraction else None
 
 
-def frames_of(video):
-    """The frames of a clip, [3, T, H, W] float (as rendered) or [T, H, W, 3] (as streamed)."""
+def _frames_of(video):
     v = torch.as_tensor(video)
     return v.unbind(1) if (v.ndim == 4 and v.shape[0] == 3 and v.shape[-1] != 3) else v.unbind(0)
 
 
-def _vote(votes: list) -> str | None:
+def majority(votes: list) -> str | None:
+    """The most frequent of the votes that are not None (ties: the first name alphabetically)."""
     votes = [v for v in votes if v is not None]
     return max(sorted(set(votes)), key=votes.count) if votes else None
 
 
+def dominant_colours(video) -> list[str | None]:
+    """`dominant_colour` of each frame of a clip ([3, T, H, W] float or [T, H, W, 3])."""
+    return [dominant_colour(f) for f in _frames_of(video)]
+
+
 def dominant_colour_of_clip(video) -> str | None:
-    """Majority vote of `dominant_colour` over the frames of a clip ([3, T, H, W] float or [T, H, W, 3])."""
-    return _vote([dominant_colour(f) for f in frames_of(video)])
+    """Majority vote of `dominant_colour` over the frames of a clip (layouts as dominant_colours)."""
+    return majority(dominant_colours(video))
 
 
 def background_colour_of_clip(video) -> str | None:
-    """Majority vote of `background_colour` over the frames of a clip (layouts as dominant_colour_of_clip)."""
-    return _vote([background_colour(f) for f in frames_of(video)])
+    """Majority vote of `background_colour` over the frames of a clip (layouts as dominant_colours)."""
+    return majority([background_colour(f) for f in _frames_of(video)])

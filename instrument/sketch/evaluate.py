@@ -102,10 +102,11 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
                 video = to_uint8_frames(codec.decode(codec.encode(clip)).float()).cpu()
         else:
             video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)
-        obj, bg = data.dominant_colour_of_clip(video), data.background_colour_of_clip(video)
+        per_frame = data.dominant_colours(video)
+        obj, bg = data.majority(per_frame), data.background_colour_of_clip(video)
         ok_obj, ok_bg = _agrees(spec.description, obj, bg)
         # frame by frame too: a clip's vote hides whether its object shows early and then fades
-        shown = [data.dominant_colour(f) in spec.description.colours for f in data.frames_of(video)[:frames]]
+        shown = [c in spec.description.colours for c in per_frame[:frames]]
         rows.append({"caption": spec.caption, "object": obj, "background": bg, "object_ok": ok_obj,
                      "background_ok": ok_bg, "object_frames": shown})
         if (j + 1) % 10 == 0:
