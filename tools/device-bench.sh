@@ -13,13 +13,7 @@ seconds=${1:-15}
 DEVICE=${DEVICE:-cuda}
 DECODER=${DECODER:-tiny}
 SIZE=${SIZE:-832x480}
-OUT=${OUT:-out/device}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-fi
-export PYTHONPATH=/tmp/site:$PWD
+. "$(dirname "$0")/device-env.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>/dev/null
 git rev-parse --short HEAD 2>/dev/null
 

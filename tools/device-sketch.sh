@@ -13,13 +13,8 @@ phase=${1:?start, watch or finish}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-default}
 RUN=${RUN:-runs/sketch}
-OUT=${OUT:-out/device}
-mkdir -p "$RUN/evals" "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-fi
-export PYTHONPATH=/tmp/site:$PWD
+. "$(dirname "$0")/device-env.sh"
+mkdir -p "$RUN/evals"
 log=$RUN/train.log
 
 training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null; }
