@@ -9,8 +9,9 @@ Generation follows the Self-Forcing family: each chunk of latent frames starts f
 in a few steps (default 1000, 750, 500, 250 warped with shift 5), predicting x0 and re-noising to the
 next level between steps (fresh noise for the distilled Self-Forcing generators; the noise the model
 implies, DDIM, for a plain flow-matching model such as the sketch model); the clean chunk then runs
-once more at t = 0 to write its keys and values into the cache that later chunks attend to. The cache keeps a sink of the first frames and a rolling window of
-the latest, so memory stays flat however long the stream runs.
+once more at t = 0 to write its keys and values into the cache that later chunks attend to. The cache
+keeps a sink of the first frames and a rolling window of the latest, so memory stays flat however long
+the stream runs.
 """
 
 from __future__ import annotations
