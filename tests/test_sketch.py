@@ -334,6 +334,7 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["size"] == [32, 32] and report["reference"]["object_colour"] == 1.0
+    assert report["sampling"]["schedule"] == [1000.0, 750.0, 500.0, 250.0]  # the folder's own
     assert report["codec"]["source"] == "codec" and len(report["codec"]["rows"]) == 3
     follow = report["prompt_following"]
     assert follow["captions"] == 3 and len(follow["rows"]) == 3
@@ -350,6 +351,22 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
         sheet = np.asarray(img)
     first = evaluate.stream_frames(Engine.load(str(tiny_model), progress=quiet), evaluate.STRIP_PROMPTS[0], 1)
     assert np.array_equal(sheet[:32, :32], first[0].numpy()) and (sheet[32:34] == 24).all()
+
+
+def test_evaluation_samples_with_another_schedule_when_told(tiny_model, tmp_path):
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
+                        "--only", "following", "--captions", "2", "--schedule", "1000,950,850,300", "--shift", "1",
+                        "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["sampling"]["schedule"] == [1000.0, 950.0, 850.0, 300.0] and report["sampling"]["shift"] == 1.0
+    default = Engine.load(str(tiny_model), progress=quiet)
+    told = Engine.load(str(tiny_model), progress=quiet)
+    told.components.sampling = report["sampling"]
+    assert not torch.equal(evaluate.stream_frames(default, "a red circle", 3),
+                           evaluate.stream_frames(told, "a red circle", 3))  # the schedule changes the frames
 
 
 def test_a_trained_model_in_the_package_is_the_embedded_default(tiny_model, monkeypatch):
@@ -395,6 +412,28 @@ def test_codec_loss_weighs_pixels_by_their_distance_from_the_frames_median(tmp_p
     assert torch.equal(weighted, trainer.codec_loss(plain))
 
 
+def test_chunks_draw_their_sigma_from_the_schedule_or_uniformly(tmp_path):
+    """sigma_uniform of the chunks get a uniform sigma in (0, 1], the rest one of the schedule's four; every
+    frame of a chunk shares its chunk's sigma."""
+    cfg = Config.tiny()  # chunks of 2 latent frames
+    cfg.sigma_uniform = 0.0
+    only_schedule = Trainer(tmp_path / "a", cfg).chunk_sigmas(400, 6)
+    assert only_schedule.shape == (400, 6)
+    assert torch.isin(only_schedule, Trainer(tmp_path / "a2", cfg).sigmas).all()
+    cfg.sigma_uniform = 0.5
+    trainer = Trainer(tmp_path / "b", cfg)
+    sigma = trainer.chunk_sigmas(400, 5)  # the last chunk is cut to one frame
+    per_chunk = sigma[:, ::2]
+    assert torch.equal(sigma[:, 1::2], per_chunk[:, :2])
+    off = ~torch.isin(per_chunk, trainer.sigmas)
+    assert 0.45 < off.float().mean() < 0.55  # 1200 chunks: 5 standard deviations either side
+    drawn = per_chunk[off]
+    assert drawn.min() > 0 and drawn.max() <= 1
+    assert 0.2 < (drawn < 0.33).float().mean() < 0.46  # uniform: a third of them below 1/3
+    older = {k: v for k, v in Config.tiny().to_json().items() if k != "sigma_uniform"}
+    assert Config.from_json(older).sigma_uniform == 0.0  # a run from before the setting resumes as it trained
+
+
 def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
@@ -415,6 +454,14 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert settings.schedule == (1000.0, 900.0, 700.0, 300.0) and settings.shift == 1.0
     assert settings.sampler == "renoise"
     assert engine.stream("a red circle", schedule=(1000, 750, 500, 250)).settings.schedule[1] == 750.0
+    # a folder exported from the same checkpoint can name another schedule, as measured with evaluate --schedule
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--export-only",
+                        str(tmp_path / "other"), "--schedule", "1000,950,850,300", "--shift", "2"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    other = json.loads((tmp_path / "other" / "model_index.json").read_text())["sketch"]
+    assert other["schedule"] == [1000.0, 950.0, 850.0, 300.0] and other["shift"] == 2.0
+    assert other["sampler"] == "renoise"
     bad = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "bad"),
                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500"],
                          capture_output=True, text=True, timeout=120)

@@ -4,10 +4,11 @@
 #
 #   tools/device-sketch.sh start MINUTES   install the carried wheels, start training
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
-#   tools/device-sketch.sh finish          wait for the trainer, pack the model folder into $OUT in parts
+#   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
 #
-# Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch). $OUT receives the log, the evaluations and,
-# at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
+# Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
+# `train` options). $OUT receives the log, the evaluations (evals.tgz) and, at finish, model.tar.part-*
+# (join with `cat model.tar.part-* | tar x`).
 set -u
 phase=${1:?start, watch or finish}
 DEVICE=${DEVICE:-cuda}
@@ -19,31 +20,47 @@ log=$RUN/train.log
 
 training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null; }
 
-evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure its prompt following
-  local name
+# Each checkpoint is measured under several 4-step schedules (the model trains on uniform sigmas too, so
+# any of them may serve best): NAME=T1,T2,T3,T4@SHIFT, or NAME=native for the schedule the run trained with.
+SCHEDULES=${SCHEDULES:-native=native late=1000,950,850,300@1 even=1000,750,500,250@1 mid=1000,900,750,400@1}
+
+evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure it, in its own session
+  local name             # (a device call's leftover processes end with it; these run on into the next call)
   name=$(cat "$RUN/checkpoints/latest" 2>/dev/null) || return
   case $name in dit-*|done-*) ;; *) return ;; esac
   [ -e "$RUN/evals/$name.started" ] && return
   touch "$RUN/evals/$name.started"
-  (OMP_NUM_THREADS=6 python3 -m instrument.sketch.train --out "$RUN" --export-only "$RUN/evals/$name-model" &&
-   OMP_NUM_THREADS=6 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only following \
-     --captions 40 --json "$RUN/evals/$name.json") >"$RUN/evals/$name.log" 2>&1 &
+  setsid nohup bash "$0" evaluate "$name" </dev/null >/dev/null 2>&1 &
 }
+
+evaluating() { pgrep -f "instrument.sketch.(evaluate|train --out $RUN --export-only)" >/dev/null; }
 
 report() {
   cp "$log" "$OUT/" 2>/dev/null
   for f in "$RUN"/evals/*.log; do [ -e "$f" ] && grep -h "prompt following on" "$f" | sed "s|^|$(basename "$f" .log): |"; done
-  for f in $(ls -t "$RUN"/evals/*.json 2>/dev/null | head -2); do cp "$f" "$OUT/"; done
+  tar -C "$RUN" -czf "$OUT/evals.tgz" --exclude='*-model' evals 2>/dev/null
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   true
 }
 
 case $phase in
+evaluate)
+  name=${2:?checkpoint name}
+  OMP_NUM_THREADS=4 python3 -m instrument.sketch.train --out "$RUN" --export-only "$RUN/evals/$name-model" \
+    >"$RUN/evals/$name-export.txt" 2>&1 || exit
+  for entry in $SCHEDULES; do
+    label=${entry%%=*}; spec=${entry#*=}; args=()
+    [ "$spec" = native ] || args=(--schedule "${spec%@*}" --shift "${spec#*@}")
+    OMP_NUM_THREADS=3 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only following \
+      --captions 60 "${args[@]}" --json "$RUN/evals/$name-$label.json" >"$RUN/evals/$name-$label.log" 2>&1 &
+  done
+  wait
+  ;;
 start)
   minutes=${2:?minutes}
   [ -e "$log" ] && { echo "$RUN already holds a run"; exit 1; }
   setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --config "$CONFIG" --checkpoint-every 300 >"$log" 2>&1 </dev/null &
+    --config "$CONFIG" --checkpoint-every 300 ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
   sleep 5; cat "$log"; report
   ;;
 watch)
@@ -59,6 +76,8 @@ watch)
   ;;
 finish)
   while training; do sleep 5; done
+  evaluate_latest; sleep 2
+  while evaluating; do sleep 5; done
   tail -n 5 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
   tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"

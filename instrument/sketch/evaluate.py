@@ -241,17 +241,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--strip", default=None, help="write a PNG strip of frames for a few prompts")
     parser.add_argument("--strip-scale", type=int, default=1)
+    parser.add_argument("--schedule", default=None, metavar="T1,T2,T3,T4",
+                        help="sample with these 4 timesteps instead of the ones the model folder names")
+    parser.add_argument("--shift", type=float, default=None, help="and this shift instead of the folder's")
     parser.add_argument("--only", default="reference,codec,following,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
 
 def run(args) -> int:
     from ..engine.stream import Engine
+    from .train import parse_schedule
 
     progress = Progress()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     engine = Engine.load(args.model, device=args.device, progress=progress)
-    report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size)}
+    if args.schedule is not None or args.shift is not None:  # every stream below samples with it
+        sampling = dict(engine.components.sampling or {})
+        if args.schedule is not None:
+            sampling["schedule"] = list(parse_schedule(args.schedule))
+        if args.shift is not None:
+            sampling["shift"] = args.shift
+        engine.components.sampling = sampling
+    report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size),
+              "sampling": engine.components.sampling}
     t0 = time.perf_counter()
     if "reference" in only:
         r = report["reference"] = prompt_following(engine, args.captions, source="clips")

@@ -76,6 +76,10 @@ class Config:
     shift: float = SHIFT  # the 4 timesteps below warped with this shift are the sigmas trained on
     schedule: tuple = SCHEDULE  # timesteps (0..1000) the engine samples with, one per step
     sampler: str = "ddim"  # how the engine samples it (plain flow matching: keep the implied noise)
+    # Share of chunks whose sigma is drawn uniformly in (0, 1) instead of from the schedule: the model then
+    # serves other 4-step schedules too, so the shipped schedule is chosen by measuring (evaluate --schedule)
+    # rather than fixed before training.
+    sigma_uniform: float = 0.5
     transformer: dict = field(default_factory=lambda: dict(TRANSFORMER))
     text_encoder: dict = field(default_factory=lambda: dict(TEXT_ENCODER))
     codec: dict = field(default_factory=lambda: dict(CODEC))
@@ -130,6 +134,7 @@ class Config:
         obj["codec"] = dict(obj["codec"], widths=tuple(obj["codec"]["widths"]))
         obj["transformer"] = dict(obj["transformer"], patch_size=tuple(obj["transformer"]["patch_size"]))
         obj["schedule"] = tuple(obj.get("schedule", SCHEDULE))  # runs from before it was a setting
+        obj.setdefault("sigma_uniform", 0.0)
         return cls(**obj)
 
 
@@ -317,12 +322,22 @@ class Trainer:
             err = err * (1 + self.cfg.codec_object_weight * far)
         return err.mean() + 1e-4 * z.float().pow(2).mean()
 
+    def chunk_sigmas(self, batch: int, frames: int) -> torch.Tensor:
+        """[B, F]: one sigma per chunk of cfg.chunk frames, from the schedule or (sigma_uniform of them) uniform."""
+        cfg = self.cfg
+        chunks = math.ceil(frames / cfg.chunk)
+        pick = torch.randint(0, len(self.sigmas), (batch, chunks), generator=self.generator, device=self.device)
+        sigma = self.sigmas[pick]
+        if cfg.sigma_uniform:
+            uniform = torch.rand((batch, chunks), generator=self.generator, device=self.device) < cfg.sigma_uniform
+            drawn = 1.0 - torch.rand((batch, chunks), generator=self.generator, device=self.device)  # (0, 1]
+            sigma = torch.where(uniform, drawn, sigma)
+        return sigma.repeat_interleave(cfg.chunk, dim=1)[:, :frames]
+
     def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int) -> torch.Tensor:
         cfg = self.cfg
         b, _, frames = latents.shape[:3]
-        chunks = math.ceil(frames / cfg.chunk)
-        pick = torch.randint(0, len(self.sigmas), (b, chunks), generator=self.generator, device=self.device)
-        sigma = self.sigmas[pick].repeat_interleave(cfg.chunk, dim=1)[:, :frames]  # [B, F]
+        sigma = self.chunk_sigmas(b, frames)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         s = sigma.view(b, 1, frames, 1, 1)
         noised = (1 - s) * latents + s * noise
@@ -586,16 +601,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sigma-uniform", type=float, default=None,
+                        help="a new run's share of chunks noised to a uniform sigma rather than the schedule's "
+                             "(default 0.5)")
     parser.add_argument("--export-only", nargs="?", const="", default=None, metavar="DIR",
                         help="write the model folder (default OUT/model) from the latest checkpoint and stop; "
-                             "safe while a run is still training into OUT")
+                             "safe while a run is still training into OUT; --schedule and --shift here set the "
+                             "sampling the folder names (one measured with evaluate --schedule)")
 
 
 def run(args) -> int:
     out = Path(args.out)
     latest = Trainer.latest(out)
     if args.export_only is not None:
-        return export_only(out, latest, args.export_only or None)
+        return export_only(out, latest, args.export_only or None, args.schedule, args.shift)
     if args.minutes is None and (args.codec_steps is None or args.dit_steps is None):
         raise UserError("give --minutes, or both --codec-steps and --dit-steps")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -613,6 +632,10 @@ def run(args) -> int:
             cfg.sampler = args.sampler
         if args.schedule is not None:
             cfg.schedule = parse_schedule(args.schedule)
+        if args.sigma_uniform is not None:
+            if not 0.0 <= args.sigma_uniform <= 1.0:
+                raise UserError(f"--sigma-uniform {args.sigma_uniform:g}: a share, between 0 and 1")
+            cfg.sigma_uniform = args.sigma_uniform
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -654,11 +677,17 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return steps
 
 
-def export_only(out: Path, latest: Path | None, folder: str | None) -> int:
-    """The model as of the latest checkpoint (a look at a run in progress), exported on the CPU."""
+def export_only(out: Path, latest: Path | None, folder: str | None, schedule: str | None = None,
+                shift: float | None = None) -> int:
+    """The model as of the latest checkpoint (a look at a run in progress), exported on the CPU, optionally
+    naming another sampling schedule than the one it trained with."""
     if latest is None:
         raise UserError(f"--out {out}: no checkpoint to export")
     cfg = Config.from_json(json.loads((latest / "state.json").read_text())["config"])
+    if schedule is not None:
+        cfg.schedule = parse_schedule(schedule)
+    if shift is not None:
+        cfg.shift = shift
     trainer = Trainer(out, cfg, "cpu")
     trainer.load_checkpoint(latest)
     if trainer.steps["dit"] == 0:
