@@ -463,7 +463,9 @@ class Trainer:
         path = pointer.parent / pointer.read_text().strip()
         return path if (path / "state.json").is_file() else None
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, noise: bool = True) -> None:
+        """noise=False leaves the noise generator alone: an export on the CPU of a run trained on a GPU, whose
+        generator state is a CUDA one."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(path / "state.safetensors"))
@@ -483,7 +485,8 @@ class Trainer:
                 idx, key = k.split(".", 1)
                 per.setdefault(int(idx), {})[key] = v.to(self.device) if key != "step" else v
             opt.load_state_dict({"state": per, "param_groups": state["param_groups"][name]})
-        self.generator.set_state(_rng_from_str(state["generator"]))
+        if noise:
+            self.generator.set_state(_rng_from_str(state["generator"]))
         self.stage, self.steps, self.elapsed = state["stage"], state["steps"], state["elapsed"]
         self.losses = list(state["losses"])
         self._previous = path.name
@@ -689,7 +692,7 @@ def export_only(out: Path, latest: Path | None, folder: str | None, schedule: st
     if shift is not None:
         cfg.shift = shift
     trainer = Trainer(out, cfg, "cpu")
-    trainer.load_checkpoint(latest)
+    trainer.load_checkpoint(latest, noise=False)
     if trainer.steps["dit"] == 0:
         raise UserError(f"checkpoint {latest.name}: the DiT has not trained yet (codec stage)")
     trainer.export(folder)
