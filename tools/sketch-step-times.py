@@ -1,0 +1,88 @@
+"""Where a sketch training step's time goes, per batch size, on the machine it runs on (the GPU machine).
+
+    python tools/sketch-step-times.py --device cuda --json times.json
+
+For each DiT batch size: the whole step (`Trainer.train_dit_step`), the batch alone (clips rendered and
+encoded by the codec: `Trainer.dit_batch`) and the loss's forward alone, each synchronised and averaged
+over --steps steps after --warmup; then the codec step per codec batch size. Random weights: the time
+does not depend on them. It answers whether a step is bound by the GPU's arithmetic (time grows with the
+batch) or by the host (it does not), which decides the batch sizes of the 25-minute run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import torch
+
+from instrument.sketch.train import Config, Trainer
+
+
+def timed(fn, device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / steps * 1000.0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dit-batches", default="32,64,128")
+    parser.add_argument("--codec-batches", default="16,32,64")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in (int(x) for x in args.dit_batches.split(",")):
+            trainer = Trainer(tmp, Config(dit_batch=b), args.device, progress=lambda *a: None)
+            trainer.codec.eval().requires_grad_(False)
+            trainer.stage = "dit"
+            batch = trainer.dit_batch(0)
+            step = timed(trainer.train_dit_step, args.device, args.steps, args.warmup)
+            data = timed(lambda: trainer.dit_batch(trainer.steps["dit"]), args.device, args.steps, 1)
+
+            def forward():
+                with torch.no_grad():
+                    trainer.dit_loss(*batch)
+
+            fwd = timed(forward, args.device, args.steps, 1)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+            rows.append(dict(stage="dit", batch=b, step_ms=round(step, 1), batch_ms=round(data, 1),
+                             forward_ms=round(fwd, 1), clips_per_s=round(b / step * 1000.0, 1),
+                             peak_gib=None if peak is None else round(peak, 2)))
+            print(rows[-1], flush=True)
+            del trainer
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        for b in (int(x) for x in args.codec_batches.split(",")):
+            trainer = Trainer(tmp, Config(codec_batch=b), args.device, progress=lambda *a: None)
+            step = timed(trainer.train_codec_step, args.device, args.steps, args.warmup)
+            data = timed(lambda: trainer.codec_batch(trainer.steps["codec"]), args.device, args.steps, 1)
+            rows.append(dict(stage="codec", batch=b, step_ms=round(step, 1), batch_ms=round(data, 1),
+                             clips_per_s=round(b / step * 1000.0, 1)))
+            print(rows[-1], flush=True)
+            del trainer
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, torch=torch.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
