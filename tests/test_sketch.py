@@ -358,11 +358,12 @@ def test_evaluation_samples_with_another_schedule_when_told(tiny_model, tmp_path
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
                         "--only", "following", "--captions", "2", "--schedule", "1000,950,850,300", "--shift", "1",
-                        "--json", str(out)],
+                        "--sampler", "renoise", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["sampling"]["schedule"] == [1000.0, 950.0, 850.0, 300.0] and report["sampling"]["shift"] == 1.0
+    assert report["sampling"]["sampler"] == "renoise"
     default = Engine.load(str(tiny_model), progress=quiet)
     told = Engine.load(str(tiny_model), progress=quiet)
     told.components.sampling = report["sampling"]
@@ -411,6 +412,50 @@ def test_codec_loss_weighs_pixels_by_their_distance_from_the_frames_median(tmp_p
     trainer.cfg.codec_object_weight = 0.0
     trainer.generator.set_state(state)
     assert torch.equal(weighted, trainer.codec_loss(plain))
+
+
+def test_dit_loss_weighs_each_latent_pixel_by_the_objects_it_encodes(tmp_path):
+    from instrument.sketch.train import latent_object_weight
+
+    cfg = Config.tiny()  # 32x32 video: a 4x4 latent grid
+    assert Config().dit_object_weight == 4.0
+    specs = [data.sample(int(torch.randint(0, 2**40, ()))) for _ in range(2)]  # fresh clips each run
+    video = data.render(specs, data.clip_times(9), 32).double()  # 9 frames: latent frames of 1, 4, 4
+    got = latent_object_weight(video, 4.0)
+    assert got.shape == (2, 1, 3, 4, 4)
+    want = torch.zeros_like(got)
+    for b in range(2):
+        for s, frames in enumerate(([0], [1, 2, 3, 4], [5, 6, 7, 8])):
+            far = []
+            for t in frames:
+                frame = video[b, :, t]
+                median = frame.reshape(3, -1).median(dim=1).values.view(3, 1, 1)
+                far.append((frame - median).pow(2).sum(dim=0).sqrt())
+            far = torch.stack(far).amax(dim=0)  # [32, 32]
+            for i in range(4):
+                for j in range(4):
+                    want[b, 0, s, i, j] = 1 + 4.0 * far[8 * i:8 * i + 8, 8 * j:8 * j + 8].max()
+        want[b] /= want[b].mean()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got.amax(dim=(1, 2, 3, 4)) > 1.2).all()  # the clips' objects stand out from their backgrounds
+
+    trainer = Trainer(tmp_path, cfg)
+    latents, captions, gap, weight = trainer.dit_batch(0)
+    assert weight.shape == (cfg.dit_batch, 1, *latents.shape[2:])
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3, 4)), torch.ones(cfg.dit_batch))
+    state = trainer.generator.get_state()
+    with torch.no_grad():
+        weighted = trainer.dit_loss(latents, captions, gap, weight)
+        trainer.generator.set_state(state)
+        flat = trainer.dit_loss(latents, captions, gap, torch.ones_like(weight))
+        trainer.generator.set_state(state)
+        plain = trainer.dit_loss(latents, captions, gap)
+    torch.testing.assert_close(flat, plain)  # unit weights are the plain flow-matching loss
+    assert not torch.equal(weighted, plain)
+    trainer.cfg.dit_object_weight = 0.0
+    assert trainer.dit_batch(0)[3] is None
+    older = {k: v for k, v in cfg.to_json().items() if k != "dit_object_weight"}
+    assert Config.from_json(older).dit_object_weight == 0.0  # runs from before it resume unweighted
 
 
 def test_chunks_draw_their_sigma_from_the_schedule_or_uniformly(tmp_path):
@@ -468,6 +513,24 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     other = json.loads((tmp_path / "other" / "model_index.json").read_text())["sketch"]
     assert other["schedule"] == [1000.0, 950.0, 850.0, 300.0] and other["shift"] == 2.0
     assert other["sampler"] == "renoise"
+    # a new run can start at the DiT stage on this run's trained codec, to compare DiT settings on one codec
+    from safetensors.torch import load_file
+
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "dit-only"),
+                        "--config", "tiny", "--codec-from", str(out), "--dit-steps", "2", "--dit-object-weight", "0"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    mine, theirs = Trainer.latest(tmp_path / "dit-only"), Trainer.latest(out)
+    mine_state = json.loads((mine / "state.json").read_text())
+    assert mine_state["steps"] == {"codec": state["steps"]["codec"], "dit": 2}
+    assert mine_state["config"]["dit_object_weight"] == 0.0
+    a, b = load_file(str(mine / "state.safetensors")), load_file(str(theirs / "state.safetensors"))
+    codec_keys = [k for k in b if k.startswith("codec.")]
+    assert codec_keys and all(torch.equal(a[k], b[k]) for k in codec_keys)
+    other = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "other-size"),
+                            "--config", "small", "--codec-from", str(out), "--dit-steps", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "codec of size" in other.stderr and "Traceback" not in other.stderr
     bad = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "bad"),
                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500"],
                          capture_output=True, text=True, timeout=120)

@@ -244,6 +244,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default=None, metavar="T1,T2,T3,T4",
                         help="sample with these 4 timesteps instead of the ones the model folder names")
     parser.add_argument("--shift", type=float, default=None, help="and this shift instead of the folder's")
+    parser.add_argument("--sampler", choices=("ddim", "renoise"), default=None,
+                        help="and this sampler instead of the folder's")
     parser.add_argument("--only", default="reference,codec,following,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
@@ -255,8 +257,10 @@ def run(args) -> int:
     progress = Progress()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     engine = Engine.load(args.model, device=args.device, progress=progress)
-    if args.schedule is not None or args.shift is not None:  # every stream below samples with it
+    if args.schedule is not None or args.shift is not None or args.sampler is not None:  # every stream samples so
         sampling = dict(engine.components.sampling or {})
+        if args.sampler is not None:
+            sampling["sampler"] = args.sampler
         if args.schedule is not None:
             sampling["schedule"] = list(parse_schedule(args.schedule))
         if args.shift is not None:

@@ -92,6 +92,9 @@ class Config:
     # the background alone.
     codec_object_weight: float = 8.0
     codec_fraction: float = 0.2
+    # The same for the DiT's flow-matching loss, per latent pixel: 1 + dit_object_weight x the largest such
+    # distance among the video pixels it encodes (8x8 of them, over 4 frames), normalised to a mean of 1.
+    dit_object_weight: float = 4.0
     dit_batch: int = 32
     dit_lr: float = 3e-4
     warmup: int = 200
@@ -135,6 +138,7 @@ class Config:
         obj["transformer"] = dict(obj["transformer"], patch_size=tuple(obj["transformer"]["patch_size"]))
         obj["schedule"] = tuple(obj.get("schedule", SCHEDULE))  # runs from before it was a setting
         obj.setdefault("sigma_uniform", 0.0)
+        obj.setdefault("dit_object_weight", 0.0)
         return cls(**obj)
 
 
@@ -240,6 +244,22 @@ def _rng_from_str(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
+def object_distance(video: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, H, W]: each pixel's RGB distance from its frame's median colour. Backgrounds are shades of one
+    colour near the median; objects (a few percent of a frame) are far from it."""
+    median = video.flatten(3).median(dim=3).values[..., None, None]  # [B, 3, T, 1, 1]
+    return (video - median).pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def latent_object_weight(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """[B, 1, S, H/8, W/8] loss weights on the codec's latent grid: 1 + weight x the largest object distance of
+    the video pixels a latent pixel encodes (its first frame alone, then 4 frames each), with a mean of 1."""
+    far = object_distance(video)
+    far = torch.cat([far[:, :, :1].expand(-1, -1, TEMPORAL - 1, -1, -1), far], dim=2)  # frame 0 fills a group
+    w = 1.0 + weight * F.max_pool3d(far, kernel_size=(TEMPORAL, 8, 8))
+    return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
 class Trainer:
     STAGES = ("codec", "dit", "done")
 
@@ -288,7 +308,8 @@ class Trainer:
         return data.render(specs, data.clip_times(self.cfg.codec_frames, start), self.cfg.size, self.device)
 
     def dit_batch(self, step: int):
-        """(clean latents [B, 16, S, h, w], captions, gap): a step's clips through the frozen codec."""
+        """(clean latents [B, 16, S, h, w], captions, gap, loss weights [B, 1, S, h, w] or None): a step's clips
+        through the frozen codec."""
         cfg = self.cfg
         specs = self._specs(2, step, cfg.dit_batch)
         rng = np.random.default_rng([cfg.seed, 2, step])
@@ -300,7 +321,8 @@ class Trainer:
         video = data.render(specs, times, cfg.size, self.device)
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(video).float()
-        return latents, [s.caption for s in specs], gap
+        weight = latent_object_weight(video, cfg.dit_object_weight) if cfg.dit_object_weight else None
+        return latents, [s.caption for s in specs], gap, weight
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
@@ -317,9 +339,7 @@ class Trainer:
         recon = recon.float()
         err = (recon - video).pow(2) + 0.5 * (recon - video).abs()
         if self.cfg.codec_object_weight:
-            median = video.flatten(3).median(dim=3).values[..., None, None]  # [B, 3, T, 1, 1]
-            far = (video - median).pow(2).sum(dim=1, keepdim=True).sqrt()
-            err = err * (1 + self.cfg.codec_object_weight * far)
+            err = err * (1 + self.cfg.codec_object_weight * object_distance(video))
         return err.mean() + 1e-4 * z.float().pow(2).mean()
 
     def chunk_sigmas(self, batch: int, frames: int) -> torch.Tensor:
@@ -334,7 +354,8 @@ class Trainer:
             sigma = torch.where(uniform, drawn, sigma)
         return sigma.repeat_interleave(cfg.chunk, dim=1)[:, :frames]
 
-    def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int) -> torch.Tensor:
+    def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, _, frames = latents.shape[:3]
         sigma = self.chunk_sigmas(b, frames)
@@ -344,7 +365,8 @@ class Trainer:
         with self._autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
             v = teacher_forcing_forward(self.transformer, self.processor, latents, noised, sigma, text, cfg, gap)
-        return F.mse_loss(v.float(), noise - latents)
+        err = (v.float() - (noise - latents)).pow(2)
+        return err.mean() if weight is None else (err * weight).mean()
 
     def _step(self, loss, opt, params, step, base_lr):
         for g in opt.param_groups:
@@ -365,10 +387,10 @@ class Trainer:
 
     def train_dit_step(self, batch=None) -> float:
         step = self.steps["dit"]
-        latents, captions, gap = self.dit_batch(step) if batch is None else batch
+        batch = self.dit_batch(step) if batch is None else batch
         self.transformer.train()
         self.text_encoder.train()
-        loss = self.dit_loss(latents, captions, gap)
+        loss = self.dit_loss(*batch)
         params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
         self._step(loss, self.dit_opt, params, step, self.cfg.dit_lr)
         self.steps["dit"] += 1
@@ -397,6 +419,27 @@ class Trainer:
         z = z.transpose(0, 1).flatten(1)
         self.codec.latent_mean.copy_(z.mean(1))
         self.codec.latent_std.copy_(z.std(1).clamp(min=1e-4))
+
+    def take_codec(self, run: str | Path) -> None:
+        """Start at the DiT stage with the trained codec (and its latent statistics) of another run of the same
+        size and codec config: DiT settings compared on one codec, without training it again."""
+        from safetensors.torch import load_file
+
+        latest = Trainer.latest(run)
+        if latest is None:
+            raise UserError(f"--codec-from {run}: no checkpoint there")
+        state = json.loads((latest / "state.json").read_text())
+        other = Config.from_json(state["config"])
+        if state["stage"] == "codec":
+            raise UserError(f"--codec-from {run}: its codec is still training (checkpoint {latest.name})")
+        if (other.size, other.codec) != (self.cfg.size, self.cfg.codec):
+            raise UserError(f"--codec-from {run}: a codec of size {other.size} {other.codec}, this run needs "
+                            f"{self.cfg.size} {self.cfg.codec}")
+        tensors = load_file(str(latest / "state.safetensors"))
+        self.codec.load_state_dict({k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")})
+        self.codec.eval().requires_grad_(False)
+        self.stage, self.steps["codec"] = "dit", state["steps"]["codec"]
+        self.progress(f"codec taken from {latest} ({self.steps['codec']} steps)")
 
     def report_codec(self, captions: int = 50) -> dict:
         """How much of the captions survives the codec (the ceiling of the DiT's prompt following)."""
@@ -604,6 +647,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--codec-from", default=None, metavar="RUN",
+                        help="a new run starts at the DiT stage with the trained codec of RUN (same size and codec)")
+    parser.add_argument("--dit-object-weight", type=float, default=None,
+                        help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
     parser.add_argument("--sigma-uniform", type=float, default=None,
                         help="a new run's share of chunks noised to a uniform sigma rather than the schedule's "
                              "(default 0.5)")
@@ -618,8 +665,8 @@ def run(args) -> int:
     latest = Trainer.latest(out)
     if args.export_only is not None:
         return export_only(out, latest, args.export_only or None, args.schedule, args.shift)
-    if args.minutes is None and (args.codec_steps is None or args.dit_steps is None):
-        raise UserError("give --minutes, or both --codec-steps and --dit-steps")
+    if args.minutes is None and (args.dit_steps is None or (args.codec_steps is None and not args.codec_from)):
+        raise UserError("give --minutes, or both --codec-steps and --dit-steps (--dit-steps alone with --codec-from)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch")
     if latest is not None and not args.resume:
@@ -639,6 +686,8 @@ def run(args) -> int:
             if not 0.0 <= args.sigma_uniform <= 1.0:
                 raise UserError(f"--sigma-uniform {args.sigma_uniform:g}: a share, between 0 and 1")
             cfg.sigma_uniform = args.sigma_uniform
+        if args.dit_object_weight is not None:
+            cfg.dit_object_weight = max(0.0, args.dit_object_weight)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -647,6 +696,8 @@ def run(args) -> int:
     if args.resume and latest is not None:
         trainer.load_checkpoint(latest)
         progress(f"resumed from {latest} (stage {trainer.stage}, steps {trainer.steps})")
+    elif args.codec_from:
+        trainer.take_codec(args.codec_from)
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
