@@ -218,6 +218,22 @@ def test_each_stage_overfits_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path):
+    """Losses are read back from the device every log_every steps, not every step; a NaN still stops the run
+    and names the step it came from."""
+    trainer = Trainer(tmp_path, Config.tiny(), progress=quiet)
+    real = trainer.codec_loss
+
+    def loss_with_a_nan(video):
+        loss = real(video)
+        return loss * float("nan") if trainer.steps["codec"] == 6 else loss  # the 7th step
+
+    trainer.codec_loss = loss_with_a_nan
+    with pytest.raises(RuntimeError, match="codec loss went non-finite at step 7"):
+        trainer.run(None, codec_steps=20, dit_steps=0, checkpoint_every=0, log_every=10)
+    assert len(trainer.losses) == 0 and trainer.steps["codec"] == 10
+
+
 def state_of(trainer):
     return trainer._tensors()
 

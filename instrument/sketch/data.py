@@ -277,10 +277,30 @@ def _pose(inst: Instance, t: torch.Tensor):
     return x, y, r, inst.angle + inst.spin * t
 
 
+def upload(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without waiting: a plain copy from pageable memory makes the host wait for
+    all the GPU work queued before it, which would starve the GPU between training steps."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+_PALETTES: dict = {}
+
+
+def _palette(device) -> torch.Tensor:
+    """The palette [colours, 3] on a device, copied there once."""
+    device = torch.device(device)
+    if device not in _PALETTES:
+        _PALETTES[device] = _PALETTE.to(device)
+    return _PALETTES[device]
+
+
 def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
     """[3, size, size] in 0..1: shades of the background colour only."""
     d = spec.description
-    colour = _PALETTE[_COLOUR_NAMES.index(d.background_colour)].to(device)
+    colour = _palette(device)[_COLOUR_NAMES.index(d.background_colour)]
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     angle, period, noise_seed = spec.background_params
@@ -297,7 +317,7 @@ def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
         v = (u - u.min()) / (u.max() - u.min())
     else:  # noisy: smooth value noise
         g = torch.Generator().manual_seed(int(noise_seed))
-        grid = torch.rand(1, 1, 7, 7, generator=g).to(device)
+        grid = upload(torch.rand(1, 1, 7, 7, generator=g), device)  # drawn on the CPU: the same on every device
         v = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1)
     return colour.view(3, 1, 1) * (BG_SHADE + (1 - BG_SHADE) * v)
 
@@ -305,7 +325,8 @@ def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
 def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
     """Video [B, 3, T, size, size] in 0..1 (float32) of each spec at `times` (seconds, [T] or [B, T])."""
     device = torch.device(device or "cpu")
-    times = torch.as_tensor(times, dtype=torch.float32, device=device)
+    times = torch.as_tensor(times, dtype=torch.float32)
+    times = times if times.device == device else upload(times, device)
     if times.ndim == 1:
         times = times.expand(len(specs), -1)
     steps = times.shape[1]
@@ -321,14 +342,14 @@ def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=
             px = (cos * dx + sin * dy) / r
             py = -(-sin * dx + cos * dy) / r  # image rows point down, the distance functions' y up
             alpha = (0.5 - shape_sdf(inst.shape, px, py) * r * size).clamp(0, 1)
-            colour = _PALETTE[_COLOUR_NAMES.index(inst.colour)].to(device).view(3, 1, 1, 1)
+            colour = _palette(device)[_COLOUR_NAMES.index(inst.colour)].view(3, 1, 1, 1)
             clip.mul_(1 - alpha).add_(alpha * colour)
     return video
 
 
-def clip_times(frames: int, start: float = 0.0) -> torch.Tensor:
-    """Times in seconds of `frames` consecutive frames at FPS."""
-    return start + torch.arange(frames, dtype=torch.float32) / FPS
+def clip_times(frames: int, start: float = 0.0, device=None) -> torch.Tensor:
+    """Times in seconds of `frames` consecutive frames at FPS (the same values on every device)."""
+    return start + torch.arange(frames, dtype=torch.float32, device=device) / FPS
 
 
 def clips(seeds, frames: int, size: int = SIZE, device=None) -> tuple[torch.Tensor, list[str]]:

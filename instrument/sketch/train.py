@@ -154,7 +154,7 @@ def encode_text(tokenizer, text_encoder, captions: list[str], text_len: int, dev
     """As the engine's PromptEncoder: pad to text_len, encode with the mask, zero what follows the prompt."""
     batch = tokenizer(captions, padding="max_length", max_length=text_len, truncation=True,
                       return_attention_mask=True, return_tensors="pt")
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    ids, mask = data.upload(batch["input_ids"], device), data.upload(batch["attention_mask"], device)
     hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
@@ -185,6 +185,7 @@ class _MaskedSelfAttention:
         self.inner = WanAttnProcessor()
         self.mask: torch.Tensor | None = None
         self.mask_key = None
+        self.rope: dict = {}  # (frames, gap, grid, device, dtype) -> the cos/sin tables, built once each
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.mask if encoder_hidden_states is None else None
@@ -208,11 +209,15 @@ def teacher_forcing_forward(model, processor: _MaskedSelfAttention, clean, noise
     tpf = grid_h * grid_w
     head_dim = model.config.attention_head_dim
     dev = clean.device
-    cos, sin = zip(*(rope_tables(TokenGrid(n, grid_h, grid_w), first, head_dim, device=dev)
-                     for first, n in frame_positions(frames, cfg.sink, gap)))
     rope_dtype = torch.float64 if clean.dtype == torch.float64 else torch.float32
-    cos, sin = torch.cat(cos, dim=1).to(rope_dtype), torch.cat(sin, dim=1).to(rope_dtype)
-    rope = (torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1))
+    rope_key = (frames, gap, grid_h, grid_w, head_dim, cfg.sink, dev, rope_dtype)
+    if rope_key not in processor.rope:  # a few hundred gaps at most: each table built and uploaded once
+        cos, sin = zip(*(rope_tables(TokenGrid(n, grid_h, grid_w), first, head_dim)
+                         for first, n in frame_positions(frames, cfg.sink, gap)))
+        cos, sin = torch.cat(cos, dim=1).to(rope_dtype), torch.cat(sin, dim=1).to(rope_dtype)
+        processor.rope[rope_key] = (data.upload(torch.cat([cos, cos], dim=1), dev),
+                                    data.upload(torch.cat([sin, sin], dim=1), dev))
+    rope = processor.rope[rope_key]
     key = (frames, tpf, cfg.chunk, cfg.sink, cfg.window, dev)
     if processor.mask_key != key:  # the same every step: built once, kept on the device
         mask = teacher_forcing_mask(frames, cfg.chunk, cfg.sink, cfg.window)
@@ -285,9 +290,11 @@ class Trainer:
         for blk in self.transformer.blocks:
             blk.attn1.set_processor(self.processor)
         self.ema = {k: v.detach().clone() for k, v in self._dit_params().items()}
-        self.codec_opt = torch.optim.AdamW(self.codec.parameters(), lr=config.codec_lr, weight_decay=0.0)
+        fused = self.device.type == "cuda"  # one kernel per step for all parameters, rather than a few per tensor
+        self.codec_opt = torch.optim.AdamW(self.codec.parameters(), lr=config.codec_lr, weight_decay=0.0, fused=fused)
         self.dit_opt = torch.optim.AdamW(list(self.transformer.parameters()) + list(self.text_encoder.parameters()),
-                                         lr=config.dit_lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+                                         lr=config.dit_lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
+                                         fused=fused)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + 1)
         self.stage = "codec"
         self.steps = {"codec": 0, "dit": 0}
@@ -305,7 +312,8 @@ class Trainer:
     def codec_batch(self, step: int) -> torch.Tensor:
         specs = self._specs(1, step, self.cfg.codec_batch)
         start = float(np.random.default_rng([self.cfg.seed, 1, step]).uniform(0.0, 30.0))
-        return data.render(specs, data.clip_times(self.cfg.codec_frames, start), self.cfg.size, self.device)
+        return data.render(specs, data.clip_times(self.cfg.codec_frames, start, self.device), self.cfg.size,
+                           self.device)
 
     def dit_batch(self, step: int):
         """(clean latents [B, 16, S, h, w], captions, gap, loss weights [B, 1, S, h, w] or None): a step's clips
@@ -315,7 +323,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, 2, step])
         gap = int(rng.integers(1, cfg.max_gap // cfg.chunk + 1)) * cfg.chunk if rng.random() < cfg.gap_prob else 0
         n = 1 + TEMPORAL * (cfg.latent_frames - 1)
-        frames = torch.arange(n, dtype=torch.float32)
+        frames = torch.arange(n, dtype=torch.float32, device=self.device)
         sink_end = 1 + TEMPORAL * (cfg.sink - 1)  # video frames of the sink's latent frames
         times = torch.where(frames < sink_end, frames, frames + TEMPORAL * gap) / data.FPS
         video = data.render(specs, times, cfg.size, self.device)
@@ -377,15 +385,23 @@ class Trainer:
         opt.step()
 
     def train_codec_step(self, video: torch.Tensor | None = None) -> float:
+        return float(self._codec_step(video))
+
+    def train_dit_step(self, batch=None) -> float:
+        return float(self._dit_step(batch))
+
+    # The steps proper return the loss as a device tensor: reading it (float) waits for the GPU, and `run`
+    # reads them only every log_every steps so the host keeps queueing work ahead of the GPU.
+    def _codec_step(self, video: torch.Tensor | None = None) -> torch.Tensor:
         step = self.steps["codec"]
         video = self.codec_batch(step) if video is None else video
         self.codec.train()
         loss = self.codec_loss(video)
         self._step(loss, self.codec_opt, list(self.codec.parameters()), step, self.cfg.codec_lr)
         self.steps["codec"] += 1
-        return float(loss.detach())
+        return loss.detach()
 
-    def train_dit_step(self, batch=None) -> float:
+    def _dit_step(self, batch=None) -> torch.Tensor:
         step = self.steps["dit"]
         batch = self.dit_batch(step) if batch is None else batch
         self.transformer.train()
@@ -396,9 +412,9 @@ class Trainer:
         self.steps["dit"] += 1
         with torch.no_grad():
             decay = min(self.cfg.ema, (1 + step) / (10 + step))
-            for k, p in self._dit_params().items():
-                self.ema[k].lerp_(p.detach(), 1 - decay)
-        return float(loss.detach())
+            live = self._dit_params()
+            torch._foreach_lerp_([self.ema[k] for k in live], [p.detach() for p in live.values()], 1 - decay)
+        return loss.detach()
 
     def _dit_params(self) -> dict:
         named = {f"transformer.{k}": p for k, p in self.transformer.named_parameters()}
@@ -591,9 +607,23 @@ class Trainer:
 
         if self.stage == "done" and not stage_done("dit"):
             self.stage = "dit"  # a larger budget on resume: carry on
+        pending: list[tuple[str, int, torch.Tensor]] = []  # losses not read back from the device yet
+
+        def read_losses():
+            if not pending:
+                return
+            values = torch.stack([loss for _, _, loss in pending]).float().tolist()
+            for (name, step, _), value in zip(pending, values):
+                if not math.isfinite(value):
+                    raise RuntimeError(f"{name} loss went non-finite at step {step}; resume from the last "
+                                       "checkpoint with a lower learning rate")
+            self.losses.extend(values)
+            pending.clear()
+
         while self.stage != "done" and not stop():
             name = self.stage
             if stage_done(name):
+                read_losses()
                 if name == "codec":
                     self.measure_latents()
                     self.codec.eval().requires_grad_(False)
@@ -606,15 +636,12 @@ class Trainer:
             if name == "dit":
                 self.codec.eval().requires_grad_(False)
             t0 = time.perf_counter()
-            loss = self.train_codec_step() if name == "codec" else self.train_dit_step()
-            if self.device.type == "cuda" and self.steps[name] % log_every == 0:
-                torch.cuda.synchronize()
-            self.elapsed[name] += time.perf_counter() - t0
-            self.losses.append(loss)
+            loss = self._codec_step() if name == "codec" else self._dit_step()
             step = self.steps[name]
-            if not math.isfinite(loss):
-                raise RuntimeError(f"{name} loss went non-finite at step {step}; resume from the last checkpoint "
-                                   "with a lower learning rate")
+            pending.append((name, step, loss))
+            if step % log_every == 0:  # the host waits for the GPU here only, so the time is the GPU's
+                read_losses()
+            self.elapsed[name] += time.perf_counter() - t0
             if step % log_every == 0:
                 recent = self.losses[-log_every:]
                 total = self.elapsed["codec"] + self.elapsed["dit"]
@@ -622,7 +649,9 @@ class Trainer:
                               f"({step / max(self.elapsed[name], 1e-9):.2f} steps/s, "
                               f"{total / 60:.1f} of {'-' if minutes is None else f'{minutes:g}'} min)")
             if checkpoint_every and step % checkpoint_every == 0:
+                read_losses()
                 self.save_checkpoint()
+        read_losses()
         self.save_checkpoint()
 
 
