@@ -2,7 +2,7 @@
 
     python tools/sketch-step-times.py --device cuda --json times.json
 
-For each DiT batch size: the whole step (`Trainer.train_dit_step`), the batch alone (clips rendered and
+For each DiT batch size: the whole step as `Trainer.run` takes it (losses left on the device), the batch alone (clips rendered and
 encoded by the codec: `Trainer.dit_batch`) and the loss's forward alone, each synchronised and averaged
 over --steps steps after --warmup; then the codec step per codec batch size. Random weights: the time
 does not depend on them. It answers whether a step is bound by the GPU's arithmetic (time grows with the
@@ -34,6 +34,33 @@ def timed(fn, device, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps * 1000.0
 
 
+# The trainers below never checkpoint: their output folder is never written.
+def dit_row(batch: int, device: str, steps: int, warmup: int) -> dict:
+    trainer = Trainer(tempfile.gettempdir(), Config(dit_batch=batch), device, progress=lambda *a: None)
+    trainer.codec.eval().requires_grad_(False)
+    trainer.stage = "dit"
+    fixed = trainer.dit_batch(0)
+    step = timed(trainer._dit_step, device, steps, warmup)  # as `run` steps: losses stay on the device
+    data = timed(lambda: trainer.dit_batch(trainer.steps["dit"]), device, steps, 1)
+
+    def forward():
+        with torch.no_grad():
+            trainer.dit_loss(*fixed)
+
+    fwd = timed(forward, device, steps, 1)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return dict(stage="dit", batch=batch, step_ms=round(step, 1), batch_ms=round(data, 1), forward_ms=round(fwd, 1),
+                clips_per_s=round(batch / step * 1000.0, 1), peak_gib=None if peak is None else round(peak, 2))
+
+
+def codec_row(batch: int, device: str, steps: int, warmup: int) -> dict:
+    trainer = Trainer(tempfile.gettempdir(), Config(codec_batch=batch), device, progress=lambda *a: None)
+    step = timed(trainer._codec_step, device, steps, warmup)
+    data = timed(lambda: trainer.codec_batch(trainer.steps["codec"]), device, steps, 1)
+    return dict(stage="codec", batch=batch, step_ms=round(step, 1), batch_ms=round(data, 1),
+                clips_per_s=round(batch / step * 1000.0, 1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -47,37 +74,15 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for b in (int(x) for x in args.dit_batches.split(",")):
-            trainer = Trainer(tmp, Config(dit_batch=b), args.device, progress=lambda *a: None)
-            trainer.codec.eval().requires_grad_(False)
-            trainer.stage = "dit"
-            batch = trainer.dit_batch(0)
-            step = timed(trainer.train_dit_step, args.device, args.steps, args.warmup)
-            data = timed(lambda: trainer.dit_batch(trainer.steps["dit"]), args.device, args.steps, 1)
-
-            def forward():
-                with torch.no_grad():
-                    trainer.dit_loss(*batch)
-
-            fwd = timed(forward, args.device, args.steps, 1)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-            rows.append(dict(stage="dit", batch=b, step_ms=round(step, 1), batch_ms=round(data, 1),
-                             forward_ms=round(fwd, 1), clips_per_s=round(b / step * 1000.0, 1),
-                             peak_gib=None if peak is None else round(peak, 2)))
-            print(rows[-1], flush=True)
-            del trainer
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-        for b in (int(x) for x in args.codec_batches.split(",")):
-            trainer = Trainer(tmp, Config(codec_batch=b), args.device, progress=lambda *a: None)
-            step = timed(trainer.train_codec_step, args.device, args.steps, args.warmup)
-            data = timed(lambda: trainer.codec_batch(trainer.steps["codec"]), args.device, args.steps, 1)
-            rows.append(dict(stage="codec", batch=b, step_ms=round(step, 1), batch_ms=round(data, 1),
-                             clips_per_s=round(b / step * 1000.0, 1)))
-            print(rows[-1], flush=True)
-            del trainer
+    for b in (int(x) for x in args.dit_batches.split(",") if x):
+        rows.append(dit_row(b, args.device, args.steps, args.warmup))
+        print(rows[-1], flush=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    for b in (int(x) for x in args.codec_batches.split(",") if x):
+        rows.append(codec_row(b, args.device, args.steps, args.warmup))
+        print(rows[-1], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=args.device, torch=torch.__version__, rows=rows), f, indent=1)
