@@ -551,3 +551,33 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_shipped_model_follows_background_words_and_ablating_one_removes_its_colour():
+    """The trained weights in the package: on fresh captions the stream's background is the captioned colour
+    (100 of 100 held-out captions in the README's evaluation), and taking that colour word's cross-attention
+    away (cross.gain 0 on its tokens) takes the colour away. Grey is left out: it is where the model goes
+    when no colour word reaches it."""
+    import random
+
+    from instrument.bends.patch import apply_patch, parse_patch
+
+    engine = Engine.load(None, device="cpu", progress=quiet)
+    assert engine.components.source == "embedded sketch model"
+    unbent = parse_patch('name = "unbent"\n', "<unbent>", engine.dims)
+    rng = random.Random()
+    specs = []
+    while len(specs) < 4:
+        spec = data.sample(rng.randrange(evaluate.HELD_OUT, 2 * evaluate.HELD_OUT))
+        if spec.description.background_colour not in ("grey", "gray"):
+            specs.append(spec)
+    follows = removed = 0
+    for j, spec in enumerate(specs):
+        colour = spec.description.background_colour
+        apply_patch(engine, unbent)
+        before = evaluate.stream_frames(engine, spec.caption, 21, seed=j)
+        apply_patch(engine, parse_patch(evaluate.ablation_patch(colour), "<ablate>", engine.dims))
+        after = evaluate.stream_frames(engine, spec.caption, 21, seed=j)
+        follows += sum(data.background_colour(f) == colour for f in before) >= 18
+        removed += sum(data.background_colour(f) == colour for f in after) <= 3
+    assert follows >= 3 and removed >= 3, (follows, removed, [s.caption for s in specs])
