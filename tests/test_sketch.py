@@ -474,6 +474,54 @@ def test_dit_loss_weighs_each_latent_pixel_by_the_objects_it_encodes(tmp_path):
     assert Config.from_json(older).dit_object_weight == 0.0  # runs from before it resume unweighted
 
 
+def test_part_of_each_batch_sees_its_own_predictions_as_context(tmp_path):
+    """self_context: the first clips of a batch take as clean context the model's x0 prediction from the
+    schedule's last sigma (what the engine's context pass caches), computed in float64 here by hand."""
+    from instrument.sketch.train import encode_text, teacher_forcing_forward
+
+    cfg = Config.tiny()
+    cfg.dit_batch, cfg.self_context, cfg.dit_object_weight = 4, 0.5, 0.0
+    assert Config().self_context == 0.5
+    trainer = Trainer(tmp_path, cfg)
+    trainer.transformer.double()
+    trainer.text_encoder.double()
+    trainer.sigmas = trainer.sigmas.double()
+    latents, captions, gap, _ = trainer.dit_batch(int(torch.randint(0, 1000, ())))  # a fresh batch each run
+    latents = latents.double()
+    state = trainer.generator.get_state()
+    loss = trainer.dit_loss(latents, captions, gap)
+    loss.backward()
+    got_grads = [p.grad.clone() for p in trainer.transformer.parameters()]
+    trainer.transformer.zero_grad(set_to_none=True)
+
+    trainer.generator.set_state(state)  # the same draws, in the same order, by hand
+    sigma = trainer.chunk_sigmas(4, latents.shape[2])
+    noise = torch.randn(latents.shape, generator=trainer.generator).double()
+    own_noise = torch.randn(latents[:2].shape, generator=trainer.generator, dtype=torch.float64)
+    text = encode_text(trainer.tokenizer, trainer.text_encoder, captions, cfg.text_len, "cpu")
+    last = trainer.sigmas[-1]
+    own_noised = (1 - last) * latents[:2] + last * own_noise
+    with torch.no_grad():
+        v_own = teacher_forcing_forward(trainer.transformer, trainer.processor, latents[:2], own_noised,
+                                        torch.full((2, latents.shape[2]), float(last), dtype=torch.float64),
+                                        text[:2], cfg, gap)
+    context = torch.cat([own_noised - last * v_own, latents[2:]])
+    assert not torch.allclose(context[:2], latents[:2], atol=1e-3)  # the prediction is not the real clip
+    s = sigma.view(4, 1, -1, 1, 1)
+    v = teacher_forcing_forward(trainer.transformer, trainer.processor, context, (1 - s) * latents + s * noise,
+                                sigma, text, cfg, gap)
+    want = (v - (noise - latents)).pow(2).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    want.backward()  # no gradient reaches the model through its own context
+    for got, p in zip(got_grads, trainer.transformer.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-8, atol=1e-12)
+    # none: the real context, and no extra draw from the generator
+    trainer.cfg.self_context = 0.0
+    trainer.generator.set_state(state)
+    assert trainer.own_context(latents, text, gap) is latents
+    assert torch.equal(trainer.generator.get_state(), state)
+
+
 def test_chunks_draw_their_sigma_from_the_schedule_or_uniformly(tmp_path):
     """sigma_uniform of the chunks get a uniform sigma in (0, 1], the rest one of the schedule's four; every
     frame of a chunk shares its chunk's sigma."""
@@ -533,13 +581,14 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     from safetensors.torch import load_file
 
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "dit-only"),
-                        "--config", "tiny", "--codec-from", str(out), "--dit-steps", "2", "--dit-object-weight", "0"],
+                        "--config", "tiny", "--codec-from", str(out), "--dit-steps", "2", "--dit-object-weight", "0",
+                        "--self-context", "0.25"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     mine, theirs = Trainer.latest(tmp_path / "dit-only"), Trainer.latest(out)
     mine_state = json.loads((mine / "state.json").read_text())
     assert mine_state["steps"] == {"codec": state["steps"]["codec"], "dit": 2}
-    assert mine_state["config"]["dit_object_weight"] == 0.0
+    assert mine_state["config"]["dit_object_weight"] == 0.0 and mine_state["config"]["self_context"] == 0.25
     a, b = load_file(str(mine / "state.safetensors")), load_file(str(theirs / "state.safetensors"))
     codec_keys = [k for k in b if k.startswith("codec.")]
     assert codec_keys and all(torch.equal(a[k], b[k]) for k in codec_keys)

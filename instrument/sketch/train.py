@@ -95,6 +95,11 @@ class Config:
     # The same for the DiT's flow-matching loss, per latent pixel: 1 + dit_object_weight x the largest such
     # distance among the video pixels it encodes (8x8 of them, over 4 frames), normalised to a mean of 1.
     dit_object_weight: float = 4.0
+    # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
+    # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
+    # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
+    # the objects fade (exposure bias, what Self-Forcing trains against).
+    self_context: float = 0.5
     dit_batch: int = 32
     dit_lr: float = 3e-4
     warmup: int = 200
@@ -139,6 +144,7 @@ class Config:
         obj["schedule"] = tuple(obj.get("schedule", SCHEDULE))  # runs from before it was a setting
         obj.setdefault("sigma_uniform", 0.0)
         obj.setdefault("dit_object_weight", 0.0)
+        obj.setdefault("self_context", 0.0)
         return cls(**obj)
 
 
@@ -362,6 +368,23 @@ class Trainer:
             sigma = torch.where(uniform, drawn, sigma)
         return sigma.repeat_interleave(cfg.chunk, dim=1)[:, :frames]
 
+    def own_context(self, latents: torch.Tensor, text: torch.Tensor, gap: int) -> torch.Tensor:
+        """The clean context of a step: the first round(self_context x B) clips get the model's own x0
+        prediction from the schedule's last sigma (each chunk predicted with the real earlier chunks as its
+        context, no gradient), the rest their real latents. A fixed count keeps shapes static (no host sync)."""
+        own = round(self.cfg.self_context * latents.shape[0])
+        if own == 0:
+            return latents
+        real = latents[:own]
+        s = self.sigmas[-1]
+        noise = torch.randn(real.shape, generator=self.generator, device=self.device, dtype=real.dtype)
+        noised = (1 - s) * real + s * noise
+        with torch.no_grad():
+            v = teacher_forcing_forward(self.transformer, self.processor, real, noised,
+                                        s.expand(own, real.shape[2]), text[:own].detach(), self.cfg, gap)
+            predicted = (noised - s * v.to(noised.dtype)).to(latents.dtype)  # bf16 under autocast: widen
+        return torch.cat([predicted, latents[own:]])
+
     def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -372,8 +395,9 @@ class Trainer:
         noised = (1 - s) * latents + s * noise
         with self._autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
-            v = teacher_forcing_forward(self.transformer, self.processor, latents, noised, sigma, text, cfg, gap)
-        err = (v.float() - (noise - latents)).pow(2)
+            context = self.own_context(latents, text, gap)
+            v = teacher_forcing_forward(self.transformer, self.processor, context, noised, sigma, text, cfg, gap)
+        err = (v.to(latents.dtype) - (noise - latents)).pow(2)  # bf16 under autocast: widen
         return err.mean() if weight is None else (err * weight).mean()
 
     def _step(self, loss, opt, params, step, base_lr):
@@ -680,6 +704,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a new run starts at the DiT stage with the trained codec of RUN (same size and codec)")
     parser.add_argument("--dit-object-weight", type=float, default=None,
                         help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
+    parser.add_argument("--self-context", type=float, default=None,
+                        help="a new run's share of each DiT batch whose context is the model's own prediction "
+                             "(default 0.5)")
     parser.add_argument("--sigma-uniform", type=float, default=None,
                         help="a new run's share of chunks noised to a uniform sigma rather than the schedule's "
                              "(default 0.5)")
@@ -715,6 +742,10 @@ def run(args) -> int:
             if not 0.0 <= args.sigma_uniform <= 1.0:
                 raise UserError(f"--sigma-uniform {args.sigma_uniform:g}: a share, between 0 and 1")
             cfg.sigma_uniform = args.sigma_uniform
+        if args.self_context is not None:
+            if not 0.0 <= args.self_context <= 1.0:
+                raise UserError(f"--self-context {args.self_context:g}: a share, between 0 and 1")
+            cfg.self_context = args.self_context
         if args.dit_object_weight is not None:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
     if args.device.startswith("cuda"):
