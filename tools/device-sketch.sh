@@ -22,7 +22,7 @@ training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null;
 
 # Each checkpoint is measured under several 4-step schedules (the model trains on uniform sigmas too, so
 # any of them may serve best): NAME=T1,T2,T3,T4@SHIFT, or NAME=native for the schedule the run trained with.
-SCHEDULES=${SCHEDULES:-native=native late=1000,950,850,300@1 even=1000,750,500,250@1 mid=1000,900,750,400@1}
+SCHEDULES=${SCHEDULES:-native=native s8=1000,750,500,250@8 s3=1000,750,500,250@3 late=1000,950,850,300@1}
 
 evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure it, in its own session
   local name             # (a device call's leftover processes end with it; these run on into the next call)
