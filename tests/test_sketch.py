@@ -582,13 +582,14 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
 
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "dit-only"),
                         "--config", "tiny", "--codec-from", str(out), "--dit-steps", "2", "--dit-object-weight", "0",
-                        "--self-context", "0.25"],
+                        "--self-context", "0.25", "--dit-batch", "3"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     mine, theirs = Trainer.latest(tmp_path / "dit-only"), Trainer.latest(out)
     mine_state = json.loads((mine / "state.json").read_text())
     assert mine_state["steps"] == {"codec": state["steps"]["codec"], "dit": 2}
     assert mine_state["config"]["dit_object_weight"] == 0.0 and mine_state["config"]["self_context"] == 0.25
+    assert mine_state["config"]["dit_batch"] == 3
     a, b = load_file(str(mine / "state.safetensors")), load_file(str(theirs / "state.safetensors"))
     codec_keys = [k for k in b if k.startswith("codec.")]
     assert codec_keys and all(torch.equal(a[k], b[k]) for k in codec_keys)

@@ -704,6 +704,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a new run starts at the DiT stage with the trained codec of RUN (same size and codec)")
     parser.add_argument("--dit-object-weight", type=float, default=None,
                         help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
+    parser.add_argument("--dit-batch", type=int, default=None,
+                        help="a new run's clips per DiT step (default 32; tools/sketch-step-times.py says what a "
+                             "GPU takes at no extra time per step)")
+    parser.add_argument("--codec-batch", type=int, default=None, help="a new run's clips per codec step (default 16)")
     parser.add_argument("--self-context", type=float, default=None,
                         help="a new run's share of each DiT batch whose context is the model's own prediction "
                              "(default 0.5)")
@@ -742,6 +746,12 @@ def run(args) -> int:
             if not 0.0 <= args.sigma_uniform <= 1.0:
                 raise UserError(f"--sigma-uniform {args.sigma_uniform:g}: a share, between 0 and 1")
             cfg.sigma_uniform = args.sigma_uniform
+        for name in ("dit_batch", "codec_batch"):
+            value = getattr(args, name)
+            if value is not None:
+                if value < 1:
+                    raise UserError(f"--{name.replace('_', '-')} {value}: at least one clip")
+                setattr(cfg, name, value)
         if args.self_context is not None:
             if not 0.0 <= args.self_context <= 1.0:
                 raise UserError(f"--self-context {args.self_context:g}: a share, between 0 and 1")
