@@ -92,8 +92,9 @@ class Config:
     # the background alone.
     codec_object_weight: float = 8.0
     codec_fraction: float = 0.2
-    # The same for the DiT's flow-matching loss, per latent pixel: 1 + dit_object_weight x the largest such
-    # distance among the video pixels it encodes (8x8 of them, over 4 frames), normalised to a mean of 1.
+    # As codec_object_weight, for the DiT's flow-matching loss, per latent pixel: 1 + dit_object_weight x
+    # the largest distance from the median among the video pixels it encodes (8x8 of them, over 4 frames),
+    # normalised to a mean of 1 per clip.
     dit_object_weight: float = 4.0
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
