@@ -5,6 +5,7 @@
 #   tools/device-sketch.sh start MINUTES   install the carried wheels, start training
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
 #   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
+#   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py)
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
 # `train` options). $OUT receives the log, the evaluations (evals.tgz) and, at finish, model.tar.part-*
@@ -44,6 +45,9 @@ report() {
 }
 
 case $phase in
+times)
+  python3 tools/sketch-step-times.py --device "$DEVICE" --steps 5 --json "$OUT/step-times.json" 2>&1 | grep -v Warning
+  ;;
 evaluate)
   name=${2:?checkpoint name}
   OMP_NUM_THREADS=4 python3 -m instrument.sketch.train --out "$RUN" --export-only "$RUN/evals/$name-model" \
