@@ -66,3 +66,22 @@ def test_overlapped_decode_on_a_second_stream_gives_the_same_frames():
     for a, b in zip(ref, got):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
         assert b.timings["dit_s"] > 0 and b.timings["decode_s"] > 0
+
+
+def test_sketch_clips_render_alike_and_a_training_step_runs_on_the_gpu(tmp_path):
+    """The trainer's GPU path: clips rendered on the device (times made there, uploads without waiting) are
+    the CPU's clips, and one codec and one DiT step run with autocast, fused AdamW and deferred losses."""
+    import math
+    import random
+
+    from instrument.sketch import data
+    from instrument.sketch.train import Config, Trainer
+
+    specs = [data.sample(random.randrange(2**40)) for _ in range(3)]
+    cpu = data.render(specs, data.clip_times(9), 32)
+    gpu = data.render(specs, data.clip_times(9, device="cuda"), 32, "cuda")
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+    trainer = Trainer(tmp_path, Config.tiny(), "cuda")
+    trainer.run(None, codec_steps=3, dit_steps=3, checkpoint_every=0, log_every=2)
+    assert trainer.steps == {"codec": 3, "dit": 3} and len(trainer.losses) == 6
+    assert all(math.isfinite(v) for v in trainer.losses)

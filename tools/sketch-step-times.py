@@ -2,9 +2,9 @@
 
     python tools/sketch-step-times.py --device cuda --json times.json
 
-For each DiT batch size: the whole step as `Trainer.run` takes it (losses left on the device), the batch alone (clips rendered and
-encoded by the codec: `Trainer.dit_batch`) and the loss's forward alone, each synchronised and averaged
-over --steps steps after --warmup; then the codec step per codec batch size. Random weights: the time
+For each DiT batch size: the whole step as `Trainer.run` takes it (losses left on the device), the batch
+alone (clips rendered and encoded by the codec: `Trainer.dit_batch`) and the loss's forward alone, each
+synchronised and averaged over --steps steps after --warmup; then the codec step per codec batch size. Random weights: the time
 does not depend on them. It answers whether a step is bound by the GPU's arithmetic (time grows with the
 batch) or by the host (it does not), which decides the batch sizes of the 25-minute run.
 """

@@ -278,12 +278,12 @@ def _pose(inst: Instance, t: torch.Tensor):
 
 
 def upload(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on the device without waiting: a plain copy from pageable memory makes the host wait for
-    all the GPU work queued before it, which would starve the GPU between training steps."""
+    """A tensor on the device; from the host without waiting: a plain copy from pageable memory makes the host
+    wait for all the GPU work queued before it, which would starve the GPU between training steps."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return tensor.to(device)  # already there ("cuda" names the tensor's "cuda:0" too), or no GPU to wait for
 
 
 _PALETTES: dict = {}
@@ -325,8 +325,7 @@ def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
 def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
     """Video [B, 3, T, size, size] in 0..1 (float32) of each spec at `times` (seconds, [T] or [B, T])."""
     device = torch.device(device or "cpu")
-    times = torch.as_tensor(times, dtype=torch.float32)
-    times = times if times.device == device else upload(times, device)
+    times = upload(torch.as_tensor(times, dtype=torch.float32), device)
     if times.ndim == 1:
         times = times.expand(len(specs), -1)
     steps = times.shape[1]

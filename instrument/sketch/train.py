@@ -743,20 +743,15 @@ def run(args) -> int:
             cfg.sampler = args.sampler
         if args.schedule is not None:
             cfg.schedule = parse_schedule(args.schedule)
-        if args.sigma_uniform is not None:
-            if not 0.0 <= args.sigma_uniform <= 1.0:
-                raise UserError(f"--sigma-uniform {args.sigma_uniform:g}: a share, between 0 and 1")
-            cfg.sigma_uniform = args.sigma_uniform
-        for name in ("dit_batch", "codec_batch"):
+        for name, ok, what in (("sigma_uniform", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
+                               ("self_context", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
+                               ("dit_batch", lambda v: v >= 1, "at least one clip"),
+                               ("codec_batch", lambda v: v >= 1, "at least one clip")):
             value = getattr(args, name)
             if value is not None:
-                if value < 1:
-                    raise UserError(f"--{name.replace('_', '-')} {value}: at least one clip")
+                if not ok(value):
+                    raise UserError(f"--{name.replace('_', '-')} {value:g}: {what}")
                 setattr(cfg, name, value)
-        if args.self_context is not None:
-            if not 0.0 <= args.self_context <= 1.0:
-                raise UserError(f"--self-context {args.self_context:g}: a share, between 0 and 1")
-            cfg.self_context = args.self_context
         if args.dit_object_weight is not None:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
     if args.device.startswith("cuda"):
