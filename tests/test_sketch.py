@@ -14,6 +14,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from instrument.sketch import data, evaluate
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
+from instrument.engine.default import TRAINED
 from instrument.engine.stream import Engine
 from instrument.progress import quiet
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
@@ -593,6 +594,21 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     a, b = load_file(str(mine / "state.safetensors")), load_file(str(theirs / "state.safetensors"))
     codec_keys = [k for k in b if k.startswith("codec.")]
     assert codec_keys and all(torch.equal(a[k], b[k]) for k in codec_keys)
+    # or on the codec of a model folder (the shipped model's, for a new DiT without training its codec again)
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "from-folder"),
+                        "--config", "tiny", "--codec-from", str(out / "model"), "--dit-steps", "1"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    folder_state = json.loads((Trainer.latest(tmp_path / "from-folder") / "state.json").read_text())
+    assert folder_state["steps"] == {"codec": state["steps"]["codec"], "dit": 1}
+    c = load_file(str(tmp_path / "from-folder" / "model" / "codec" / "model.safetensors"))
+    shipped_codec = load_file(str(out / "model" / "codec" / "model.safetensors"))
+    assert set(c) == set(shipped_codec) and all(torch.equal(c[k], shipped_codec[k]) for k in c)
+    shipped = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "shipped"),
+                              "--config", "tiny", "--codec-from", str(TRAINED), "--dit-steps", "1"],
+                             capture_output=True, text=True, timeout=120)
+    assert shipped.returncode == 2 and "codec of size [128, 128]" in shipped.stderr
+    assert "Traceback" not in shipped.stderr
     other = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "other-size"),
                             "--config", "small", "--codec-from", str(out), "--dit-steps", "1"],
                            capture_output=True, text=True, timeout=120)

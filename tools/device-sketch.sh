@@ -8,8 +8,9 @@
 #   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py)
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
-# `train` options). $OUT receives the log, the evaluations (evals.tgz) and, at finish, model.tar.part-*
-# (join with `cat model.tar.part-* | tar x`).
+# `train` options), CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a
+# time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
+# (latest-model.tar.part-*) and, at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
 set -u
 phase=${1:?start, watch or finish}
 DEVICE=${DEVICE:-cuda}
@@ -25,21 +26,25 @@ training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null;
 # any of them may serve best): NAME=T1,T2,T3,T4@SHIFT, or NAME=native for the schedule the run trained with.
 SCHEDULES=${SCHEDULES:-native=native s8=1000,750,500,250@8 s3=1000,750,500,250@3 late=1000,950,850,300@1}
 
+evaluating() { pgrep -f "instrument.sketch.(evaluate|train --out $RUN --export-only)" >/dev/null; }
+
 evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure it, in its own session
   local name             # (a device call's leftover processes end with it; these run on into the next call)
   name=$(cat "$RUN/checkpoints/latest" 2>/dev/null) || return
   case $name in dit-*|done-*) ;; *) return ;; esac
   [ -e "$RUN/evals/$name.started" ] && return
+  evaluating && return   # one at a time: the evaluations share the host's cores with the trainer's loop
   touch "$RUN/evals/$name.started"
   setsid nohup bash "$0" evaluate "$name" </dev/null >/dev/null 2>&1 &
 }
-
-evaluating() { pgrep -f "instrument.sketch.(evaluate|train --out $RUN --export-only)" >/dev/null; }
 
 report() {
   cp "$log" "$OUT/" 2>/dev/null
   for f in "$RUN"/evals/*.log; do [ -e "$f" ] && grep -h "prompt following on" "$f" | sed "s|^|$(basename "$f" .log): |"; done
   tar -C "$RUN" -czf "$OUT/evals.tgz" --exclude='*-model' evals 2>/dev/null
+  # the newest exported checkpoint comes back each call, so a machine taken back mid-run loses little
+  latest=$(ls -td "$RUN"/evals/*-model 2>/dev/null | head -1)
+  [ -n "$latest" ] && tar -C "$(dirname "$latest")" -cf - "$(basename "$latest")" | split -b 15m - "$OUT/latest-model.tar.part-"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   true
 }
@@ -64,7 +69,7 @@ start)
   minutes=${2:?minutes}
   [ -e "$log" ] && { echo "$RUN already holds a run"; exit 1; }
   setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --config "$CONFIG" --checkpoint-every 300 ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
+    --config "$CONFIG" --checkpoint-every ${CHECKPOINT_EVERY:-1500} ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
   sleep 5; cat "$log"; report
   ;;
 watch)

@@ -463,24 +463,40 @@ class Trainer:
 
     def take_codec(self, run: str | Path) -> None:
         """Start at the DiT stage with the trained codec (and its latent statistics) of another run of the same
-        size and codec config: DiT settings compared on one codec, without training it again."""
+        size and codec config, or of a model folder (the shipped one): DiT settings compared on one codec, or a
+        new DiT trained on a codec already trained, without training it again."""
         from safetensors.torch import load_file
 
-        latest = Trainer.latest(run)
-        if latest is None:
-            raise UserError(f"--codec-from {run}: no checkpoint there")
-        state = json.loads((latest / "state.json").read_text())
-        other = Config.from_json(state["config"])
-        if state["stage"] == "codec":
-            raise UserError(f"--codec-from {run}: its codec is still training (checkpoint {latest.name})")
-        if (other.size, other.codec) != (self.cfg.size, self.cfg.codec):
-            raise UserError(f"--codec-from {run}: a codec of size {other.size} {other.codec}, this run needs "
-                            f"{self.cfg.size} {self.cfg.codec}")
-        tensors = load_file(str(latest / "state.safetensors"))
-        self.codec.load_state_dict({k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")})
+        folder = Path(run)
+        if (folder / "model_index.json").is_file():
+            sketch = json.loads((folder / "model_index.json").read_text()).get("sketch", {})
+            try:
+                codec = Codec.load(folder / "codec")
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"--codec-from {run}: no sketch codec there ({e})") from None
+            size = list(sketch.get("size", ()))
+            if (size, codec.config) != ([self.cfg.size] * 2, Codec(**self.cfg.codec).config):
+                raise UserError(f"--codec-from {run}: a codec of size {size} {codec.config}, this run needs "
+                                f"{self.cfg.size} {self.cfg.codec}")
+            self.codec.load_state_dict(codec.state_dict())
+            codec_steps, source = int(sketch.get("steps", {}).get("codec", 0)), folder
+        else:
+            latest = Trainer.latest(run)
+            if latest is None:
+                raise UserError(f"--codec-from {run}: no checkpoint or model folder there")
+            state = json.loads((latest / "state.json").read_text())
+            other = Config.from_json(state["config"])
+            if state["stage"] == "codec":
+                raise UserError(f"--codec-from {run}: its codec is still training (checkpoint {latest.name})")
+            if (other.size, other.codec) != (self.cfg.size, self.cfg.codec):
+                raise UserError(f"--codec-from {run}: a codec of size {other.size} {other.codec}, this run needs "
+                                f"{self.cfg.size} {self.cfg.codec}")
+            tensors = load_file(str(latest / "state.safetensors"))
+            self.codec.load_state_dict({k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")})
+            codec_steps, source = state["steps"]["codec"], latest
         self.codec.eval().requires_grad_(False)
-        self.stage, self.steps["codec"] = "dit", state["steps"]["codec"]
-        self.progress(f"codec taken from {latest} ({self.steps['codec']} steps)")
+        self.stage, self.steps["codec"] = "dit", codec_steps
+        self.progress(f"codec taken from {source} ({codec_steps} steps)")
 
     def report_codec(self, captions: int = 50) -> dict:
         """How much of the captions survives the codec (the ceiling of the DiT's prompt following)."""
@@ -702,7 +718,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--codec-from", default=None, metavar="RUN",
-                        help="a new run starts at the DiT stage with the trained codec of RUN (same size and codec)")
+                        help="a new run starts at the DiT stage with the trained codec of RUN, a run folder or a model "
+                        "folder such as the shipped instrument/sketch/model (same size and codec)")
     parser.add_argument("--dit-object-weight", type=float, default=None,
                         help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
     parser.add_argument("--dit-batch", type=int, default=None,
