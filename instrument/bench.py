@@ -68,6 +68,9 @@ def configure(p) -> None:
     p.add_argument("--no-compile", action="store_true", help="eager passes (no torch.compile)")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--phases", default="unbent,bent", help="which phases to time (unbent,bent)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each timed phase, profile N more chunks: where a chunk's time goes, by kind of "
+                        "kernel (attention, matmul, compiled elementwise, ...) and the 15 largest")
 
 
 def random_wan(config: str, device, dtype, progress):
@@ -198,6 +201,7 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
     if player:
         player.stop.set()
         player.thread.join()
+    profile = profile_chunks(stream, args.profile, cuda, progress) if args.profile else None
     passes = len(stream.settings.schedule) + 1
     ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
     return {
@@ -210,7 +214,66 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
         "latency_ms_p50": ms(percentile(latency, 50)), "latency_ms_p95": ms(percentile(latency, 95)),
         "recompiles": dynamo_compiles() - compiles0, "recaptures": engine.runner.captures - captures0,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        **({"profile": profile} if profile else {}),
     }
+
+
+# Kernel (GPU) or operator (CPU) names -> what part of the pass they are, first match wins.
+PROFILE_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
+    ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "scaled_mm", "matmul", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::linear")),
+    ("convolution", ("conv", "implicit")),
+    ("fused elementwise (compiled)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat")),
+)
+
+
+def profile_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in PROFILE_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_chunks(stream, chunks: int, cuda: bool, progress) -> dict:
+    """Where a chunk's time goes: `chunks` more chunks under torch.profiler, kernels by GPU time on a GPU (the
+    CUDA graphs' kernels included), operators by CPU self time on a CPU; per chunk, grouped by PROFILE_KINDS,
+    and the 15 largest. The profiler slows the chunks down a little: read shares, not speeds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    progress(f"  profiling {chunks} chunk(s)")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(chunks):
+            stream.next()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for avg in prof.key_averages():
+        if cuda:  # the GPU's own rows (kernels, copies); an operator's row repeats its kernels' time
+            if avg.device_type != DeviceType.CUDA:
+                continue
+            ms = getattr(avg, "self_device_time_total", getattr(avg, "self_cuda_time_total", 0.0)) / 1000.0
+            if ms <= 0:
+                continue
+        else:
+            ms = avg.self_cpu_time_total / 1000.0
+            if ms <= 0 or avg.key.startswith("ProfilerStep"):
+                continue
+        rows.append((avg.key, ms / chunks, avg.count / chunks))
+    total = sum(ms for _, ms, _ in rows)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[profile_kind(name)] = kinds.get(profile_kind(name), 0.0) + ms
+    rows.sort(key=lambda r: -r[1])
+    result = {"chunks": chunks, "clock": "gpu kernels" if cuda else "cpu operators (self time)",
+              "ms_per_chunk": round(total, 2),
+              "by_kind_ms_per_chunk": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+              "top": [{"name": n[:120], "kind": profile_kind(n), "ms_per_chunk": round(ms, 3),
+                       "calls_per_chunk": round(calls, 1)} for n, ms, calls in rows[:15]]}
+    shares = ", ".join(f"{k} {100 * v / max(total, 1e-9):.0f}%" for k, v in result["by_kind_ms_per_chunk"].items())
+    progress(f"  profile: {total:.1f} ms per chunk ({result['clock']}): {shares}")
+    return result
 
 
 def machine() -> dict:

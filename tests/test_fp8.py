@@ -116,7 +116,8 @@ def test_fp8_compiles_once_for_every_layer_and_pass():
 def test_bench_on_the_cpu_runs_fp8_with_the_decode_overlapped(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "instrument.cli", "bench", "--device", "cpu", "--seconds", "0.5",
-                        "--size", "64x48", "--window", "3", "--fp8", "--overlap-decode", "--json", str(out)],
+                        "--size", "64x48", "--window", "3", "--fp8", "--overlap-decode", "--profile", "1",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FP8:" in r.stderr
@@ -125,4 +126,9 @@ def test_bench_on_the_cpu_runs_fp8_with_the_decode_overlapped(tmp_path):
     assert res["settings"]["window"] == 3 and res["settings"]["size"] == [64, 48]
     for phase in ("unbent", "bent"):
         assert res[phase]["fps"] > 0 and res[phase]["recompiles"] == 0
+        profile = res[phase]["profile"]  # where the chunk's time went: the DiT's matmuls and attention are in it
+        kinds = profile["by_kind_ms_per_chunk"]
+        assert profile["chunks"] == 1 and kinds["matmul"] > 0 and kinds["attention"] > 0
+        assert abs(sum(kinds.values()) - profile["ms_per_chunk"]) < 0.05 * profile["ms_per_chunk"]
+        assert len(profile["top"]) == 15 and profile["top"][0]["ms_per_chunk"] >= profile["top"][-1]["ms_per_chunk"]
     assert "bend_overhead_pct" in res

@@ -21,13 +21,14 @@ variant() {
   local name=$1; shift
   echo "== $name: $*"
   python3 -m instrument.cli bench --device "$DEVICE" --decoder "$DECODER" --size "$SIZE" --chunk 3 --seconds "$seconds" \
-    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|error)|Error|error:" | tail -n 6
+    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error)|Error|error:" | tail -n 8
 }
 
-variant base
-variant overlap --overlap-decode
-variant fp8 --fp8
-variant fp8-overlap --fp8 --overlap-decode
-variant fp8-overlap-w9 --fp8 --overlap-decode --window 9
-variant fp8-overlap-chunk1 --fp8 --overlap-decode --chunk 1
+# Round 7: where the pass's time goes (profiles of the base and FP8 runs, unbent and bent: why bends
+# cancel FP8's gain), and FP8 with shorter windows; the decode overlap (round 5: no gain here) is left off.
+variant base --profile 2
+variant fp8 --fp8 --profile 2
+variant fp8-w9 --fp8 --window 9
+variant fp8-w6 --fp8 --window 6
+variant fp8-chunk1 --fp8 --chunk 1
 ls -l "$OUT"

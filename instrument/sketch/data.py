@@ -380,20 +380,36 @@ def frame_colours(frame) -> tuple[str, dict[str, float]]:
     colour, within OBJECT_DISTANCE, and not the background's. Antialiased edges, which blend two colours,
     mostly fall outside OBJECT_DISTANCE of any colour and are ignored.
     """
-    x = torch.as_tensor(frame)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    x = x.float()
-    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
-        x = x.permute(1, 2, 0)
-    pixels = x.reshape(-1, 3)
-    dist = torch.cdist(pixels, _EXTENDED.to(pixels.device))
-    best, idx = dist.min(dim=1)
-    names = idx % len(_COLOUR_NAMES)
+    pixels = _pixels(frame).reshape(-1, 3)
+    names, full = _nearest(pixels)
     background = int(torch.bincount(names, minlength=len(_COLOUR_NAMES)).argmax())
-    obj = (idx < len(_COLOUR_NAMES)) & (best < OBJECT_DISTANCE) & (names != background)
+    obj = full & (names != background)
     counts = torch.bincount(names[obj], minlength=len(_COLOUR_NAMES)).float() / pixels.shape[0]
     return _COLOUR_NAMES[background], {n: float(c) for n, c in zip(_COLOUR_NAMES, counts) if c > 0}
+
+
+def _pixels(frame) -> torch.Tensor:
+    """[H, W, 3] float 0..1 from [H, W, 3] uint8 or float, or [3, H, W] float."""
+    x = torch.as_tensor(frame)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
+        x = x.permute(1, 2, 0)
+    return x
+
+
+def _nearest(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pixels [..., 3]: the index of the nearest palette colour name (full or shade), and whether the
+    pixel is that full colour within OBJECT_DISTANCE (an object pixel, unless the colour is the background's)."""
+    dist = torch.cdist(pixels.reshape(-1, 3), _EXTENDED.to(pixels.device))
+    best, idx = dist.min(dim=1)
+    shape = pixels.shape[:-1]
+    return (idx % len(_COLOUR_NAMES)).reshape(shape), ((idx < len(_COLOUR_NAMES)) & (best < OBJECT_DISTANCE)).reshape(shape)
+
+
+def object_mask(frame, colour: str) -> torch.Tensor:
+    """[H, W] bool: the pixels `frame_colours` counts for the object colour `colour`."""
+    names, full = _nearest(_pixels(frame))
+    return full & (names == _COLOUR_NAMES.index(colour))
 
 
 def colour_counts(frame) -> dict[str, float]:

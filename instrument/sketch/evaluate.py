@@ -14,6 +14,10 @@ model would reach on the same captions, and the clips through the codec, encoded
   caption when its dominant object colour is one the caption names and its background is the caption's
   background colour; `object_frames` counts, frame by frame, where a colour the caption names is the
   frame's dominant object colour (a clip's majority vote hides an object that shows, then fades).
+- shape following: held-out single-object captions; a small CNN (`shapes.ShapeReader`, trained at the
+  start on the procedural clips' own object masks) reads the shape of the caption's colour in each frame,
+  and a stream agrees when the majority of its readings is the caption's shape. The same reader on the
+  clips themselves gives its ceiling.
 - coherence: one stream of 1000+ frames per caption; per chunk the object colour, the frames' contrast
   (pixel std) and the change from frame to frame; collapse is a stream whose last fifth lost its contrast
   (below half the first fifth's, or below MIN_CONTRAST) or stopped following its caption compared with
@@ -123,6 +127,44 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
                                    for i in range(frames)],
         "rows": rows,
     }
+
+
+def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk: int = 3, source: str = "stream",
+                    progress=None) -> dict:
+    """How often the shape `reader` (shapes.ShapeReader) reads in a clip's frames is its caption's, on held-out
+    single-object captions: a majority vote over the frames where the object's colour shows. Sources as
+    `prompt_following`; "clips" is the ceiling the reader itself allows."""
+    from .shapes import single_object_specs
+
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r}: expected one of {SOURCES}")
+    progress = progress or Progress(enabled=False)
+    side = data.SIZE if engine is None else engine.default_size[0]
+    rows = []
+    for j, spec in enumerate(single_object_specs(HELD_OUT, captions)):
+        if source == "clips":
+            video = to_uint8_frames(data.render([spec], data.clip_times(frames), side))
+        elif source == "codec":
+            codec = engine.components.vae
+            with torch.no_grad():
+                clip = data.render([spec], data.clip_times(frames), side, next(codec.parameters()).device)
+                video = to_uint8_frames(codec.decode(codec.encode(clip)).float()).cpu()
+        else:
+            video = stream_frames(engine, spec.caption, frames, seed=j, chunk=chunk)[:frames]
+        truth = spec.instances[0]
+        read = [reader.read(f, truth.colour) for f in video]
+        shape = data.majority(read)
+        rows.append({"caption": spec.caption, "shape": shape, "ok": shape == truth.shape,
+                     "frames_read": sum(r is not None for r in read),
+                     "frames_ok": sum(r == truth.shape for r in read)})
+        if (j + 1) % 20 == 0:
+            progress(f"shape following ({source}): {j + 1}/{captions} captions, shape agrees on "
+                     f"{sum(r['ok'] for r in rows)}")
+    n = len(rows)
+    read = sum(r["frames_read"] for r in rows)
+    return {"captions": n, "frames_per_caption": frames, "source": source,
+            "shape": sum(r["ok"] for r in rows) / n,
+            "frames_ok": sum(r["frames_ok"] for r in rows) / max(read, 1), "rows": rows}
 
 
 def coherence(engine, caption: str, frames: int = 1000, seed: int = 0, chunk: int = 3, progress=None) -> dict:
@@ -238,6 +280,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long", type=int, default=1000, help="frames of each long stream (coherence)")
     parser.add_argument("--long-captions", type=int, default=3, help="how many long streams")
     parser.add_argument("--ablations", type=int, default=20, help="captions for the word ablation")
+    parser.add_argument("--shape-frames", type=int, default=12000,
+                        help="procedural frames the shape reader trains on (shape following)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--strip", default=None, help="write a PNG strip of frames for a few prompts")
     parser.add_argument("--strip-scale", type=int, default=1)
@@ -246,7 +290,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift", type=float, default=None, help="and this shift instead of the folder's")
     parser.add_argument("--sampler", choices=("ddim", "renoise"), default=None,
                         help="and this sampler instead of the folder's")
-    parser.add_argument("--only", default="reference,codec,following,coherence,ablation,strip",
+    parser.add_argument("--only", default="reference,codec,following,shapes,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
 
@@ -282,6 +326,20 @@ def run(args) -> int:
         progress(f"prompt following on {r['captions']} held-out captions: object colour {r['object_colour']:.1%}, "
                  f"background {r['background_colour']:.1%}, both {r['both']:.1%}; the object's colour shows in "
                  f"{r['object_frames']:.1%} of the frames")
+    if "shapes" in only:
+        from . import shapes
+
+        reader = shapes.train(frames=args.shape_frames, progress=progress)
+        report["shape_reader"] = {"accuracy_blurred": shapes.accuracy(reader),
+                                  "accuracy_sharp": shapes.accuracy(reader, max_blur=0.0)}
+        progress(f"shape reader on held-out single-object frames: {report['shape_reader']['accuracy_sharp']:.1%} "
+                 f"sharp, {report['shape_reader']['accuracy_blurred']:.1%} blurred")
+        sources = ["clips", "codec", "stream"] if isinstance(engine.components.vae, Codec) else ["clips", "stream"]
+        for source in sources:
+            r = report[f"shape_following_{source}"] = shape_following(engine, reader, args.captions, source=source,
+                                                                      progress=progress)
+            progress(f"shape following ({source}) on {r['captions']} single-object held-out captions: "
+                     f"{r['shape']:.1%} (frame by frame {r['frames_ok']:.1%} of the frames the object shows in)")
     if "coherence" in only:
         report["coherence"] = []
         for j, spec in enumerate(held_out_specs(args.long_captions)):
