@@ -176,7 +176,7 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
     warm_s = time.perf_counter() - t_warm
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    compiles0, captures0 = dynamo_compiles(), engine.runner.captures
+    compiles0, captures0 = dynamo_compiles(), engine.captures
     player = KnobPlayer(engine.params, names) if names else None
     if player:
         player.thread.start()
@@ -212,7 +212,7 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
         "dit_ms_per_pass_p50": ms(percentile([d / passes for d in dit_s], 50)),
         "decode_ms_p50": ms(percentile(decode_s, 50)),
         "latency_ms_p50": ms(percentile(latency, 50)), "latency_ms_p95": ms(percentile(latency, 95)),
-        "recompiles": dynamo_compiles() - compiles0, "recaptures": engine.runner.captures - captures0,
+        "recompiles": dynamo_compiles() - compiles0, "recaptures": engine.captures - captures0,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         **({"profile": profile} if profile else {}),
     }

@@ -55,8 +55,8 @@ def test_fp8_graphs_stay_near_bf16_and_never_recapture_while_knobs_move():
         assert ((b - a).norm() / a.norm()).item() < 0.15
 
 
-def test_overlapped_decode_on_a_second_stream_gives_the_same_frames():
-    """A race between the decode stream and the next chunk's DiT would show as different frames."""
+def test_overlapped_decode_gives_the_same_frames():
+    """A race between chunk i's decode and copy and chunk i+1's DiT would show as different frames."""
     engine = Engine.load(device="cuda", compile=True, graphs=True)
     kw = dict(seed=5, chunk=3, size=(128, 96))
     plain = engine.stream("a red circle moving over a blue background", **kw)
@@ -66,6 +66,27 @@ def test_overlapped_decode_on_a_second_stream_gives_the_same_frames():
     for a, b in zip(ref, got):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
         assert b.timings["dit_s"] > 0 and b.timings["decode_s"] > 0
+
+
+def test_the_tiny_decoder_replays_its_steady_chunk_from_a_cuda_graph_with_the_same_frames():
+    """TAEHV's steady chunk from a CUDA graph (the engine's default on a GPU) against eager decoding, chunk by
+    chunk, through a reset and a size change: the same frames, one capture per size, none while replaying."""
+    from test_decode import lively_taehv
+
+    from instrument.engine.taehv import TAEHVStreamingDecoder
+
+    model = lively_taehv(7).cuda().half()
+    eager, graphed = TAEHVStreamingDecoder(model), TAEHVStreamingDecoder(model)
+    graphed.graphs = True
+    for size, captures in (((12, 16), 1), ((12, 16), 1), ((10, 14), 2)):
+        chunks = [torch.randn(1, 16, 3, *size, device="cuda", dtype=torch.float16) for _ in range(6)]
+        eager.reset()
+        graphed.reset()
+        for c in chunks:
+            a, b = eager.decode(c), graphed.decode(c)
+            assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 1
+            assert (a == b).float().mean().item() > 0.999 and a.float().std().item() > 5
+        assert graphed.captures == captures
 
 
 def test_sketch_clips_render_alike_and_a_training_step_runs_on_the_gpu(tmp_path):

@@ -24,11 +24,12 @@ variant() {
     --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error)|Error|error:" | tail -n 8
 }
 
-# Round 7: where the pass's time goes (profiles of the base and FP8 runs, unbent and bent: why bends
-# cancel FP8's gain), and FP8 with shorter windows; the decode overlap (round 5: no gain here) is left off.
+# Round 8: the decoder's CUDA graph (always on) and the one-stream --overlap-decode, against round 7's
+# profiles; FP8 and a shorter window on top; 1-frame chunks for latency.
 variant base --profile 2
-variant fp8 --fp8 --profile 2
+variant overlap --overlap-decode --profile 2
+variant fp8-overlap --fp8 --overlap-decode
+variant fp8-overlap-w9 --fp8 --overlap-decode --window 9
 variant fp8-w9 --fp8 --window 9
-variant fp8-w6 --fp8 --window 6
-variant fp8-chunk1 --fp8 --chunk 1
+variant chunk1 --chunk 1
 ls -l "$OUT"

@@ -252,6 +252,15 @@ class TAEHVStreamingDecoder:
         self._memory_key: tuple | None = None
         self._to_trim = model.frames_to_trim
         self._fresh = True
+        # On a GPU the steady chunk is replayed from a CUDA graph (the engine sets this with its own graphs):
+        # eager, the decoder's ~60 small kernels leave the GPU waiting on the host's launches.
+        self.graphs = False
+        self.captures = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._graph_in: torch.Tensor | None = None
+        self._graph_out: torch.Tensor | None = None
+        self._eager_steady = 0
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TAEHVStreamingDecoder:
@@ -281,7 +290,29 @@ class TAEHVStreamingDecoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode the next chunk [1, 16, f, h, w] of the stream to uint8 frames [n, H, W, 3]."""
+        if self.graphs and latents.is_cuda and not self._fresh and not self._to_trim:
+            return self._decode_graphed(latents)
         return to_uint8_frames(self.decode_float(latents))
+
+    def _decode_graphed(self, latents: torch.Tensor) -> torch.Tensor:
+        """A steady chunk (past the first, trimmed one) from a CUDA graph: the first such chunk of a size runs
+        eagerly (cuDNN picks its kernels, allocations settle), the next is captured, every later one replayed.
+        The capture records the memory's in-place update without running it, so the stream's state advances
+        once per chunk either way; reset() zeroes the memory in place, so the graph stays valid."""
+        key = (tuple(latents.shape), latents.dtype, latents.device, self._memory_key)
+        if key != self._graph_key:
+            if self._eager_steady == 0 or self._graph_key is not None:
+                self._graph, self._graph_key, self._eager_steady = None, None, 1
+                return to_uint8_frames(self.decode_float(latents))
+            self._graph_in = latents.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._graph_out = to_uint8_frames(self.decode_float(self._graph_in))
+            self._graph, self._graph_key = graph, key
+            self.captures += 1
+        self._graph_in.copy_(latents)
+        self._graph.replay()
+        return self._graph_out.clone()  # the graph's output is rewritten by the next replay
 
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
