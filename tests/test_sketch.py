@@ -695,5 +695,5 @@ def test_the_shape_reader_reads_outlines_wherever_and_however_large_they_are():
     r = evaluate.shape_following(None, reader, captions=6, frames=5, source="clips")
     assert r["captions"] == 6 and len(r["rows"]) == 6
     for row, spec in zip(r["rows"], shapes.single_object_specs(evaluate.HELD_OUT, 6)):
-        video = evaluate.to_uint8_frames(data.render([spec], data.clip_times(5)))
-        assert row["shape"] == data.majority([reader.read(f, spec.instances[0].colour) for f in video])
+        video = evaluate.clip_video(None, spec, 5, "clips", data.SIZE)
+        assert row["shape"] == data.majority([reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)])

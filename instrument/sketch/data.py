@@ -431,7 +431,8 @@ def dominant_colour(frame, min_fraction: float = 0.002) -> str | None:
     return name if frac >= min_fraction else None
 
 
-def _frames_of(video):
+def frames_of(video):
+    """The frames of a clip, [3, T, H, W] float or [T, H, W, 3], one by one."""
     v = torch.as_tensor(video)
     return v.unbind(1) if (v.ndim == 4 and v.shape[0] == 3 and v.shape[-1] != 3) else v.unbind(0)
 
@@ -444,7 +445,7 @@ def majority(votes: list) -> str | None:
 
 def dominant_colours(video) -> list[str | None]:
     """`dominant_colour` of each frame of a clip ([3, T, H, W] float or [T, H, W, 3])."""
-    return [dominant_colour(f) for f in _frames_of(video)]
+    return [dominant_colour(f) for f in frames_of(video)]
 
 
 def dominant_colour_of_clip(video) -> str | None:
@@ -454,4 +455,4 @@ def dominant_colour_of_clip(video) -> str | None:
 
 def background_colour_of_clip(video) -> str | None:
     """Majority vote of `background_colour` over the frames of a clip (layouts as dominant_colours)."""
-    return majority([background_colour(f) for f in _frames_of(video)])
+    return majority([background_colour(f) for f in frames_of(video)])
