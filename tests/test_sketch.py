@@ -553,16 +553,23 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
                         "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
-                        "--schedule", "1000,900,700,300"],
+                        "--schedule", "1000,900,700,300", "--object-scale", "1.5"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
-    assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0]
+    assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["config"]["shift"] == 1.0
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
+    # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
+    drawn = trainer._specs(2, 0, 1)[0]
+    assert drawn.instances[0].radius == 1.5 * data.sample(drawn.seed).instances[0].radius
+    assert Engine.load(str(out / "model"), progress=quiet).components.object_scale == 1.5
+    held = evaluate.held_out_specs(2, 1.5)
+    assert [s.caption for s in held] == [s.caption for s in evaluate.held_out_specs(2)]
+    assert held[0].instances[0].radius == 1.5 * evaluate.held_out_specs(1)[0].instances[0].radius
     # the engine samples the model as it was trained, unless told otherwise
     engine = Engine.load(str(out / "model"), progress=quiet)
     settings = engine.stream("a red circle").settings
@@ -621,6 +628,12 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr
+    big = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "big"),
+                          "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--object-scale", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert big.returncode == 2 and "radius factor" in big.stderr and "Traceback" not in big.stderr
+    with pytest.raises(ValueError, match="object scale"):
+        data.sample(1, 0.0)
 
 
 def test_the_shipped_model_follows_background_words_and_ablating_one_removes_its_colour():

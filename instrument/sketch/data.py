@@ -131,8 +131,15 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
-def sample(seed: int) -> ClipSpec:
-    """The clip of a seed: caption and every object's parameters, from numpy's PCG64 (platform independent)."""
+MAX_OBJECT_SCALE = 3.0  # a bouncing object's radius must stay under half the frame
+
+
+def sample(seed: int, object_scale: float = 1.0) -> ClipSpec:
+    """The clip of a seed: caption and every object's parameters, from numpy's PCG64 (platform independent).
+    `object_scale` multiplies every object's radius (a model's `object_scale`); the caption and everything
+    else about the seed's clip stay the same."""
+    if not 0.0 < object_scale <= MAX_OBJECT_SCALE:
+        raise ValueError(f"object scale {object_scale}: expected more than 0 and at most {MAX_OBJECT_SCALE}")
     rng = np.random.default_rng(seed)
     two_groups = rng.random() < 0.3
     first = int(rng.choice([1, 2], p=[0.7, 0.3])) if two_groups else int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))
@@ -152,7 +159,7 @@ def sample(seed: int) -> ClipSpec:
         direction = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1),
                      "moving down": (0, 1)}.get(g.motion)
         for _ in range(g.count):
-            radius = float(rng.uniform(0.09, 0.16) if total == 1 else rng.uniform(0.07, 0.12))
+            radius = object_scale * float(rng.uniform(0.09, 0.16) if total == 1 else rng.uniform(0.07, 0.12))
             speed = float(rng.uniform(0.15, 0.35))
             if direction is not None:
                 vx, vy = direction[0] * speed, direction[1] * speed

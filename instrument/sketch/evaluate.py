@@ -54,8 +54,8 @@ STRIP_PROMPTS = (
 )
 
 
-def held_out_specs(count: int) -> list[data.ClipSpec]:
-    return [data.sample(HELD_OUT + j) for j in range(count)]
+def held_out_specs(count: int, object_scale: float = 1.0) -> list[data.ClipSpec]:
+    return [data.sample(HELD_OUT + j, object_scale) for j in range(count)]
 
 
 def stream_chunks(engine, prompt: str, frames: int, seed: int = 0, chunk: int = 3):
@@ -82,6 +82,12 @@ def _agrees(desc: data.Description, obj: str | None, background: str | None) -> 
 SOURCES = ("stream", "clips", "codec")
 
 
+def _object_scale(engine, object_scale: float | None) -> float:
+    if object_scale is not None:
+        return object_scale
+    return 1.0 if engine is None else engine.components.object_scale
+
+
 def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int, codec=None, seed: int = 0,
                chunk: int = 3) -> torch.Tensor:
     """The frames a measurement reads for one caption: the procedural clip ("clips", float [3, T, H, W]), the clip
@@ -96,12 +102,13 @@ def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int,
 
 
 def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int = 3, source: str = "stream",
-                     progress=None, codec=None, side: int | None = None) -> dict:
+                     progress=None, codec=None, side: int | None = None, object_scale: float | None = None) -> dict:
     """Agreement of video with held-out captions (object colour, background colour, both).
 
     source "stream": the engine's stream of each caption; "clips": the procedural clips themselves;
     "codec": the clips encoded and decoded by `codec` (default: the engine's), the ceiling of any DiT
     that decodes through it. `engine` may be None for "clips", and for "codec" when `codec` is given.
+    The clips' objects are drawn at `object_scale` (default: the engine's model's, else 1).
     """
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
@@ -109,7 +116,7 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
     side = side or (data.SIZE if engine is None else engine.default_size[0])
     codec = codec if codec is not None or engine is None else engine.components.vae
     rows = []
-    for j, spec in enumerate(held_out_specs(captions)):
+    for j, spec in enumerate(held_out_specs(captions, _object_scale(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
         per_frame = data.dominant_colours(video)
         obj, bg = data.majority(per_frame), data.background_colour_of_clip(video)
@@ -135,7 +142,7 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
 
 
 def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk: int = 3, source: str = "stream",
-                    progress=None) -> dict:
+                    progress=None, object_scale: float | None = None) -> dict:
     """How often the shape `reader` (shapes.ShapeReader) reads in a clip's frames is its caption's, on held-out
     single-object captions: a majority vote over the frames where the object's colour shows. Sources as
     `prompt_following`; "clips" is the ceiling the reader itself allows."""
@@ -147,7 +154,7 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
     side = data.SIZE if engine is None else engine.default_size[0]
     codec = None if engine is None else engine.components.vae
     rows = []
-    for j, spec in enumerate(single_object_specs(HELD_OUT, captions)):
+    for j, spec in enumerate(single_object_specs(HELD_OUT, captions, _object_scale(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
         truth = spec.instances[0]
         read = [reader.read(f, truth.colour) for f in data.frames_of(video)[:frames]]
