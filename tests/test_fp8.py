@@ -51,9 +51,10 @@ def test_one_loud_token_does_not_flush_the_others():
 def test_only_the_per_pass_linears_of_each_block_are_swapped():
     m = tiny_transformer(3)
     before = {n: p.clone() for n, p in m.named_parameters()}
-    assert fp8.quantize_blocks(m) == 8 * len(m.blocks)
+    assert fp8.quantize_blocks(m) == 7 * len(m.blocks)
     for blk in m.blocks:
         assert all(isinstance(v, fp8.FP8Linear) for v in fp8.block_linears(blk).values())
+        assert isinstance(blk.ffn.net[2], torch.nn.Linear)  # its per-token input quantization costs more than it saves
         assert isinstance(blk.attn2.to_k, torch.nn.Linear) and isinstance(blk.attn2.to_v, torch.nn.Linear)
     assert isinstance(m.proj_out, torch.nn.Linear)
     assert fp8.quantize_blocks(m) == 0  # already done: nothing twice

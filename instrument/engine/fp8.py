@@ -9,9 +9,12 @@ token (the attention sink, a bent neuron) cannot flush every other token's value
 which is the float64 computation of `reference()` up to float32 accumulation.
 
 Which linears: the self-attention projections, the cross-attention query and output projections and
-the two FFN layers of every block, about 96% of a pass's matmul work. Left in bf16: the cross-attention
-keys and values (computed once per prompt), the patch embedding, the time and text embedders and the
-output head (small, and the output head writes the velocity directly).
+the FFN's first layer of every block, about two thirds of a pass's matmul work. Left in bf16: the FFN's
+second layer, because its input (the 8,960 GELU outputs of every token) costs more to quantize per token
+than FP8 saves on the product (BENCHMARKS.md round 7: 26.5 ms a chunk for that quantization against
+about 9 ms of matmul saved); the cross-attention keys and values (computed once per prompt), the patch
+embedding, the time and text embedders and the output head (small, and the output head writes the
+velocity directly).
 
 Bends are unaffected: every bend site acts on activations between these layers (the FFN's neurons after
 its GELU, the heads before the output projection), and an activation is quantized only as the next
@@ -77,7 +80,7 @@ def block_linears(block) -> dict[str, torch.nn.Module]:
         "attn1.to_q": block.attn1.to_q, "attn1.to_k": block.attn1.to_k, "attn1.to_v": block.attn1.to_v,
         "attn1.to_out.0": block.attn1.to_out[0],
         "attn2.to_q": block.attn2.to_q, "attn2.to_out.0": block.attn2.to_out[0],
-        "ffn.net.0.proj": block.ffn.net[0].proj, "ffn.net.2": block.ffn.net[2],
+        "ffn.net.0.proj": block.ffn.net[0].proj,
     }
 
 
