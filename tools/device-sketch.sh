@@ -40,7 +40,9 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
 
 report() {
   cp "$log" "$OUT/" 2>/dev/null
-  for f in "$RUN"/evals/*.log; do [ -e "$f" ] && grep -h "prompt following on" "$f" | sed "s|^|$(basename "$f" .log): |"; done
+  for f in "$RUN"/evals/*.log; do
+    [ -e "$f" ] && grep -hE "prompt following on|shape following \(stream\) on" "$f" | sed "s|^|$(basename "$f" .log): |"
+  done
   tar -C "$RUN" -czf "$OUT/evals.tgz" --exclude='*-model' evals 2>/dev/null
   # the newest exported checkpoint comes back each call, so a machine taken back mid-run loses little
   latest=$(ls -td "$RUN"/evals/*-model 2>/dev/null | head -1)
@@ -63,6 +65,10 @@ evaluate)
     OMP_NUM_THREADS=3 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only following \
       --captions 60 "${args[@]}" --json "$RUN/evals/$name-$label.json" >"$RUN/evals/$name-$label.log" 2>&1 &
   done
+  case $name in done-*)  # the finished model's shapes too (the reader trains for a few minutes first)
+    OMP_NUM_THREADS=4 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only shapes \
+      --captions 60 --shape-frames 6000 --json "$RUN/evals/$name-shapes.json" >"$RUN/evals/$name-shapes.log" 2>&1 &
+  esac
   wait
   ;;
 start)
@@ -85,6 +91,7 @@ watch)
   ;;
 finish)
   while training; do sleep 5; done
+  while evaluating; do sleep 5; done  # an earlier checkpoint's, which would make the last one wait its turn
   evaluate_latest; sleep 2
   while evaluating; do sleep 5; done
   tail -n 5 "$log"; report
