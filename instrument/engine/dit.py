@@ -76,11 +76,14 @@ class KVCache:
     def place(self, first_frame: int, frames: int, key_mask: torch.Tensor | None = None) -> None:
         """Point the next passes at the slots of frames [first_frame, first_frame+frames)."""
         tpf = self.tokens_per_frame
-        slots = [self.slot_of(f) for f in range(first_frame, first_frame + frames)]
-        index = torch.tensor([s * tpf + t for s in slots for t in range(tpf)], dtype=torch.long)
+        slots = torch.tensor([self.slot_of(f) for f in range(first_frame, first_frame + frames)], dtype=torch.long)
+        index = (slots[:, None] * tpf + torch.arange(tpf)).flatten()
         if self.token_index.shape != index.shape:
             self.token_index = torch.empty_like(index, device=self.k.device)
-        self.token_index.copy_(index)  # in place: captured graphs read this buffer
+        # In place (captured graphs read this buffer), and from page-locked memory without waiting: a plain
+        # copy would make the host wait for the GPU's queue, the previous chunk's decode included.
+        cuda = self.token_index.is_cuda
+        self.token_index.copy_(index.pin_memory() if cuda else index, non_blocking=cuda)
         self.valid_tokens = min(first_frame + frames, self.slots) * tpf
         self.key_mask = key_mask
 
@@ -118,10 +121,12 @@ def rope_tables(grid: TokenGrid, first_frame: int, head_dim: int, theta: float =
     h_dim = w_dim = 2 * (head_dim // 6)
     t_dim = head_dim - h_dim - w_dim
     axes = []
+    # Made where they are used: building them on the host and copying them over (10 MB at 832x480) would cost
+    # the host milliseconds a chunk and make it wait for the GPU's queue.
     for dim, positions in (
-        (t_dim, torch.arange(first_frame, first_frame + grid.frames, dtype=torch.float64)),
-        (h_dim, torch.arange(grid.height, dtype=torch.float64)),
-        (w_dim, torch.arange(grid.width, dtype=torch.float64)),
+        (t_dim, torch.arange(first_frame, first_frame + grid.frames, dtype=torch.float64, device=device)),
+        (h_dim, torch.arange(grid.height, dtype=torch.float64, device=device)),
+        (w_dim, torch.arange(grid.width, dtype=torch.float64, device=device)),
     ):
         axes.append(get_1d_rotary_pos_embed(dim, positions, theta, use_real=True,
                                             repeat_interleave_real=True, freqs_dtype=torch.float64))
@@ -134,7 +139,7 @@ def rope_tables(grid: TokenGrid, first_frame: int, head_dim: int, theta: float =
             h_.view(1, h, 1, -1).expand(f, h, w, -1),
             w_.view(1, 1, w, -1).expand(f, h, w, -1),
         ], dim=-1)
-        tables.append(table.reshape(1, f * h * w, 1, head_dim).to(device))
+        tables.append(table.reshape(1, f * h * w, 1, head_dim))
     return tables[0], tables[1]
 
 
