@@ -260,7 +260,7 @@ class TAEHVStreamingDecoder:
         self._graph_key: tuple | None = None
         self._graph_in: torch.Tensor | None = None
         self._graph_out: torch.Tensor | None = None
-        self._eager_steady = 0
+        self._warm_key: tuple | None = None  # the size whose first steady chunk ran eagerly, before its capture
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TAEHVStreamingDecoder:
@@ -301,8 +301,8 @@ class TAEHVStreamingDecoder:
         once per chunk either way; reset() zeroes the memory in place, so the graph stays valid."""
         key = (tuple(latents.shape), latents.dtype, latents.device, self._memory_key)
         if key != self._graph_key:
-            if self._eager_steady == 0 or self._graph_key is not None:
-                self._graph, self._graph_key, self._eager_steady = None, None, 1
+            if key != self._warm_key:
+                self._graph, self._graph_key, self._warm_key = None, None, key
                 return to_uint8_frames(self.decode_float(latents))
             self._graph_in = latents.clone()
             graph = torch.cuda.CUDAGraph()

@@ -88,10 +88,14 @@ def _object_scale(engine, object_scale: float | None) -> float:
     return 1.0 if engine is None else engine.components.object_scale
 
 
-def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int, codec=None, seed: int = 0,
-               chunk: int = 3) -> torch.Tensor:
+def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int | None = None, codec=None,
+               seed: int = 0, chunk: int = 3) -> torch.Tensor:
     """The frames a measurement reads for one caption: the procedural clip ("clips", float [3, T, H, W]), the clip
-    through `codec` ("codec"), or the engine's stream of its caption ("stream"), these two uint8 [T, H, W, 3]."""
+    through `codec` ("codec"), or the engine's stream of its caption ("stream"), these two uint8 [T, H, W, 3].
+    `side` and `codec` default to the engine's (the native size, the model's codec), else data.SIZE."""
+    side = side or (data.SIZE if engine is None else engine.default_size[0])
+    if codec is None and engine is not None:
+        codec = engine.components.vae
     if source == "clips":
         return data.render([spec], data.clip_times(frames), side)[0]
     if source == "codec":
@@ -113,8 +117,6 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
-    side = side or (data.SIZE if engine is None else engine.default_size[0])
-    codec = codec if codec is not None or engine is None else engine.components.vae
     rows = []
     for j, spec in enumerate(held_out_specs(captions, _object_scale(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
@@ -151,11 +153,9 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
-    side = data.SIZE if engine is None else engine.default_size[0]
-    codec = None if engine is None else engine.components.vae
     rows = []
     for j, spec in enumerate(single_object_specs(HELD_OUT, captions, _object_scale(engine, object_scale))):
-        video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
+        video = clip_video(engine, spec, frames, source, seed=j, chunk=chunk)
         truth = spec.instances[0]
         read = [reader.read(f, truth.colour) for f in data.frames_of(video)[:frames]]
         shape = data.majority(read)

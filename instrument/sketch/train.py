@@ -478,26 +478,29 @@ class Trainer:
                 codec = Codec.load(folder / "codec")
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"--codec-from {run}: no sketch codec there ({e})") from None
-            size = list(sketch.get("size", ()))
-            if (size, codec.config) != ([self.cfg.size] * 2, Codec(**self.cfg.codec).config):
-                raise UserError(f"--codec-from {run}: a codec of size {size} {codec.config}, this run needs "
-                                f"{self.cfg.size} {self.cfg.codec}")
-            self.codec.load_state_dict(codec.state_dict())
+            size, config = list(sketch.get("size", ())), codec.config
+            fits = size == [self.cfg.size] * 2
+            weights = codec.state_dict
             codec_steps, source = int(sketch.get("steps", {}).get("codec", 0)), folder
         else:
             latest = Trainer.latest(run)
             if latest is None:
                 raise UserError(f"--codec-from {run}: no checkpoint or model folder there")
             state = json.loads((latest / "state.json").read_text())
-            other = Config.from_json(state["config"])
             if state["stage"] == "codec":
                 raise UserError(f"--codec-from {run}: its codec is still training (checkpoint {latest.name})")
-            if (other.size, other.codec) != (self.cfg.size, self.cfg.codec):
-                raise UserError(f"--codec-from {run}: a codec of size {other.size} {other.codec}, this run needs "
-                                f"{self.cfg.size} {self.cfg.codec}")
-            tensors = load_file(str(latest / "state.safetensors"))
-            self.codec.load_state_dict({k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")})
+            other = Config.from_json(state["config"])
+            size, config, fits = other.size, other.codec, other.size == self.cfg.size
+
+            def weights():
+                tensors = load_file(str(latest / "state.safetensors"))
+                return {k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")}
+
             codec_steps, source = state["steps"]["codec"], latest
+        if not fits or config != self.cfg.codec:
+            raise UserError(f"--codec-from {run}: a codec of size {size} {config}, this run needs "
+                            f"{self.cfg.size} {self.cfg.codec}")
+        self.codec.load_state_dict(weights())
         self.codec.eval().requires_grad_(False)
         self.stage, self.steps["codec"] = "dit", codec_steps
         self.progress(f"codec taken from {source} ({codec_steps} steps)")
