@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..engine.vae import to_uint8_frames
-from ..errors import module_main
+from ..errors import UserError, module_main
 from ..progress import Progress
 from . import data
 from .codec import Codec
@@ -295,6 +295,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift", type=float, default=None, help="and this shift instead of the folder's")
     parser.add_argument("--sampler", choices=("ddim", "renoise"), default=None,
                         help="and this sampler instead of the folder's")
+    parser.add_argument("--object-scale", type=float, default=None,
+                        help="draw the reference and codec clips' objects at this radius factor instead of the "
+                             "model's (what a codec keeps of larger objects)")
     parser.add_argument("--only", default="reference,codec,following,shapes,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
@@ -315,8 +318,12 @@ def run(args) -> int:
         if args.shift is not None:
             sampling["shift"] = args.shift
         engine.components.sampling = sampling
+    if args.object_scale is not None:
+        if not 0.0 < args.object_scale <= data.MAX_OBJECT_SCALE:
+            raise UserError(f"--object-scale {args.object_scale:g}: more than 0 and at most {data.MAX_OBJECT_SCALE:g}")
+        engine.components.object_scale = args.object_scale
     report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size),
-              "sampling": engine.components.sampling}
+              "sampling": engine.components.sampling, "object_scale": engine.components.object_scale}
     t0 = time.perf_counter()
     if "reference" in only:
         r = report["reference"] = prompt_following(engine, args.captions, source="clips")
