@@ -6,6 +6,7 @@
 #
 #   tools/device-bench.sh [SECONDS]        # default 15 s timed per phase
 #   DEVICE=cpu DECODER=wan SIZE=128x128 tools/device-bench.sh 1   # a dry run of the script on a CPU
+#   VARIANTS="base overlap" tools/device-bench.sh 8             # some of the round's variants only
 #
 # Carry .whl (../shared/tools/gpu-wheels). Variants: name, then extra `instrument bench` arguments.
 set -u
@@ -19,6 +20,7 @@ git rev-parse --short HEAD 2>/dev/null
 
 variant() {
   local name=$1; shift
+  case " ${VARIANTS:-$name} " in *" $name "*) ;; *) return ;; esac   # VARIANTS="a b": only those
   echo "== $name: $*"
   python3 -m instrument.cli bench --device "$DEVICE" --decoder "$DECODER" --size "$SIZE" --chunk 3 --seconds "$seconds" \
     --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error)|Error|error:" | tail -n 8
