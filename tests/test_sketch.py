@@ -1,7 +1,9 @@
 """The sketch model's groundwork: procedural data, the causal codec, and the training script, on the CPU."""
 
 import base64
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,6 +40,25 @@ def test_clips_are_deterministic_per_seed():
     assert not torch.equal(a[0], c[0]) and torch.equal(a[1:], c[1:])
     assert a.shape == (3, 3, 9, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert a.std(dim=2).amax() > 0  # something moves in every clip of the batch
+
+
+def test_upright_clips_start_every_object_at_angle_zero_and_change_nothing_else():
+    seeds = [int(s) for s in torch.randint(0, 2**40, (40,))]
+    for seed in seeds:
+        tilted, upright = data.sample(seed), data.sample(seed, upright=True)
+        assert tilted.caption == upright.caption and tilted.background_params == upright.background_params
+        for a, b in zip(tilted.instances, upright.instances):
+            assert b.angle == 0.0 and dataclasses.replace(a, angle=0.0) == b
+    assert any(i.angle != 0.0 for s in seeds for i in data.sample(s).instances)
+    # what the pixels show: an upright square fills its axis-aligned box's corners, a tilted one does not
+    spec = data.sample(0)
+    square = lambda angle: dataclasses.replace(spec.instances[0], shape="square", colour="red", x=0.5, y=0.5,
+                                               radius=0.2, angle=angle, vx=0.0, vy=0.0, spin=0.0)
+    def mask(angle):
+        clip = data.ClipSpec(0, spec.description, (square(angle),), spec.background_params)
+        return data.object_mask(data.render([clip], torch.zeros(1))[0, :, 0], "red")
+    assert mask(0.0).sum() > 0 and not torch.equal(mask(0.0), mask(math.pi / 4))
+    assert (mask(0.0) != mask(math.pi / 2)).float().mean() < 0.002  # a quarter turn of a square is the square
 
 
 def test_captions_parse_back_to_what_was_rendered():
@@ -559,10 +580,11 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
                         "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
-                        "--schedule", "1000,900,700,300", "--object-scale", "1.5"],
+                        "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
+    assert sketch["upright"] is True
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
@@ -572,7 +594,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
     drawn = trainer._specs(2, 0, 1)[0]
     assert drawn.instances[0].radius == 1.5 * data.sample(drawn.seed).instances[0].radius
-    assert Engine.load(str(out / "model"), progress=quiet).components.object_scale == 1.5
+    assert all(i.angle == 0.0 for i in drawn.instances)  # and upright
+    components = Engine.load(str(out / "model"), progress=quiet).components
+    assert components.object_scale == 1.5 and components.upright
     held = evaluate.held_out_specs(2, 1.5)
     assert [s.caption for s in held] == [s.caption for s in evaluate.held_out_specs(2)]
     assert held[0].instances[0].radius == 1.5 * evaluate.held_out_specs(1)[0].instances[0].radius

@@ -5,6 +5,7 @@
 #   tools/device-sketch.sh start MINUTES   install the carried wheels, start training
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
 #   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
+#                                          (EVALUATE=0: no evaluation on the GPU machine, when its time is short)
 #   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py)
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
@@ -91,9 +92,11 @@ watch)
   ;;
 finish)
   while training; do sleep 5; done
-  while evaluating; do sleep 5; done  # an earlier checkpoint's, which would make the last one wait its turn
-  evaluate_latest; sleep 2
-  while evaluating; do sleep 5; done
+  if [ "${EVALUATE:-1}" = 1 ]; then
+    while evaluating; do sleep 5; done  # an earlier checkpoint's, which would make the last one wait its turn
+    evaluate_latest; sleep 2
+    while evaluating; do sleep 5; done
+  fi
   tail -n 5 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
   tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"

@@ -32,6 +32,7 @@ class Components:
     native_size: tuple[int, int] | None = None  # (width, height) the model was trained at, if it says
     sampling: dict | None = None  # {"shift", "sampler", "schedule"}: how the model was trained to be sampled
     object_scale: float = 1.0  # a sketch model's: its training clips' object sizes (data.sample)
+    upright: bool = False  # and whether they start at angle 0
 
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
@@ -110,16 +111,18 @@ def _load_folder(root: Path, dtype, progress) -> Components:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {root}: could not load: {first}") from None
     text_len = min(WAN_TEXT_LEN, int(getattr(tokenizer, "model_max_length", WAN_TEXT_LEN) or WAN_TEXT_LEN))
-    size, sampling, object_scale = None, None, 1.0
+    size, sampling, object_scale, upright = None, None, 1.0, False
     try:
         sketch = json.loads((root / "model_index.json").read_text()).get("sketch") or {}
         if "size" in sketch:
             size = (int(sketch["size"][0]), int(sketch["size"][1]))
         sampling = {k: sketch[k] for k in ("shift", "sampler", "schedule") if k in sketch} or None
         object_scale = float(sketch.get("object_scale", 1.0))
+        upright = bool(sketch.get("upright", False))
     except (OSError, ValueError, TypeError, IndexError, AttributeError):
         pass
-    return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root), size, sampling, object_scale)
+    return Components(transformer, vae, text_encoder, tokenizer, text_len, str(root), size, sampling, object_scale,
+                      upright)
 
 
 def read_state_dict(path: Path) -> dict:

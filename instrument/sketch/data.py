@@ -134,10 +134,11 @@ def vocabulary() -> list[str]:
 MAX_OBJECT_SCALE = 3.0  # a bouncing object's radius must stay under half the frame
 
 
-def sample(seed: int, object_scale: float = 1.0) -> ClipSpec:
+def sample(seed: int, object_scale: float = 1.0, upright: bool = False) -> ClipSpec:
     """The clip of a seed: caption and every object's parameters, from numpy's PCG64 (platform independent).
-    `object_scale` multiplies every object's radius (a model's `object_scale`); the caption and everything
-    else about the seed's clip stay the same."""
+    `object_scale` multiplies every object's radius (a model's `object_scale`); `upright` starts every object
+    at angle 0 instead of a random one (a model's `upright`); the caption and everything else about the
+    seed's clip stay the same."""
     if not 0.0 < object_scale <= MAX_OBJECT_SCALE:
         raise ValueError(f"object scale {object_scale}: expected more than 0 and at most {MAX_OBJECT_SCALE}")
     rng = np.random.default_rng(seed)
@@ -169,8 +170,8 @@ def sample(seed: int, object_scale: float = 1.0) -> ClipSpec:
             else:
                 vx = vy = 0.0
             spin = float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5)) if g.motion == "rotating" else 0.0
-            instances.append(Instance(g.shape, g.colour, g.motion, float(rng.uniform(0.2, 0.8)),
-                                      float(rng.uniform(0.2, 0.8)), radius, float(rng.uniform(0, 2 * math.pi)),
+            x, y, angle = float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0, 2 * math.pi))
+            instances.append(Instance(g.shape, g.colour, g.motion, x, y, radius, 0.0 if upright else angle,
                                       vx, vy, spin, float(rng.uniform(0, 1))))
     bg = (float(rng.choice([0.0, 0.25, 0.5, 0.75]) * math.pi), float(rng.uniform(0.08, 0.2)),
           float(rng.integers(0, 2**31 - 1)))

@@ -54,8 +54,8 @@ STRIP_PROMPTS = (
 )
 
 
-def held_out_specs(count: int, object_scale: float = 1.0) -> list[data.ClipSpec]:
-    return [data.sample(HELD_OUT + j, object_scale) for j in range(count)]
+def held_out_specs(count: int, object_scale: float = 1.0, upright: bool = False) -> list[data.ClipSpec]:
+    return [data.sample(HELD_OUT + j, object_scale, upright) for j in range(count)]
 
 
 def stream_chunks(engine, prompt: str, frames: int, seed: int = 0, chunk: int = 3):
@@ -82,10 +82,13 @@ def _agrees(desc: data.Description, obj: str | None, background: str | None) -> 
 SOURCES = ("stream", "clips", "codec")
 
 
-def _object_scale(engine, object_scale: float | None) -> float:
-    if object_scale is not None:
-        return object_scale
-    return 1.0 if engine is None else engine.components.object_scale
+def _drawing(engine, object_scale: float | None) -> tuple[float, bool]:
+    """How the held-out clips draw their objects: as the engine's model was trained (data.sample's
+    object_scale and upright), with `object_scale` instead of its scale where given."""
+    if engine is None:
+        return (1.0 if object_scale is None else object_scale), False
+    c = engine.components
+    return (c.object_scale if object_scale is None else object_scale), c.upright
 
 
 def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int | None = None, codec=None,
@@ -118,7 +121,7 @@ def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int =
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
     rows = []
-    for j, spec in enumerate(held_out_specs(captions, _object_scale(engine, object_scale))):
+    for j, spec in enumerate(held_out_specs(captions, *_drawing(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
         per_frame = data.dominant_colours(video)
         obj, bg = data.majority(per_frame), data.background_colour_of_clip(video)
@@ -154,7 +157,7 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
     rows = []
-    for j, spec in enumerate(single_object_specs(HELD_OUT, captions, _object_scale(engine, object_scale))):
+    for j, spec in enumerate(single_object_specs(HELD_OUT, captions, *_drawing(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, seed=j, chunk=chunk)
         truth = spec.instances[0]
         read = [reader.read(f, truth.colour) for f in data.frames_of(video)[:frames]]
@@ -323,7 +326,8 @@ def run(args) -> int:
             raise UserError(f"--object-scale {args.object_scale:g}: more than 0 and at most {data.MAX_OBJECT_SCALE:g}")
         engine.components.object_scale = args.object_scale
     report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size),
-              "sampling": engine.components.sampling, "object_scale": engine.components.object_scale}
+              "sampling": engine.components.sampling, "object_scale": engine.components.object_scale,
+              "upright": engine.components.upright}
     t0 = time.perf_counter()
     if "reference" in only:
         r = report["reference"] = prompt_following(engine, args.captions, source="clips")
