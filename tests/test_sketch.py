@@ -400,11 +400,12 @@ def test_evaluation_samples_with_another_schedule_when_told(tiny_model, tmp_path
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
                         "--only", "following,reference", "--captions", "2", "--schedule", "1000,950,850,300",
-                        "--shift", "1", "--sampler", "renoise", "--object-scale", "1.5", "--json", str(out)],
+                        "--shift", "1", "--sampler", "renoise", "--object-scale", "1.5", "--upright", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["object_scale"] == 1.5  # the reference clips drew their objects 1.5 times the model's size
+    assert report["upright"] is True  # and upright
     assert [row["caption"] for row in report["reference"]["rows"]] == [s.caption for s in evaluate.held_out_specs(2)]
     bad = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
                           "--only", "following", "--captions", "1", "--object-scale", "0"],

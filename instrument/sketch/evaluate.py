@@ -301,6 +301,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--object-scale", type=float, default=None,
                         help="draw the reference and codec clips' objects at this radius factor instead of the "
                              "model's (what a codec keeps of larger objects)")
+    parser.add_argument("--upright", action="store_true",
+                        help="draw the held-out clips' objects starting at angle 0, whatever the model was trained on")
     parser.add_argument("--only", default="reference,codec,following,shapes,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
@@ -325,6 +327,8 @@ def run(args) -> int:
         if not 0.0 < args.object_scale <= data.MAX_OBJECT_SCALE:
             raise UserError(f"--object-scale {args.object_scale:g}: more than 0 and at most {data.MAX_OBJECT_SCALE:g}")
         engine.components.object_scale = args.object_scale
+    if args.upright:
+        engine.components.upright = True
     report = {"model": engine.components.source, "device": args.device, "size": list(engine.default_size),
               "sampling": engine.components.sampling, "object_scale": engine.components.object_scale,
               "upright": engine.components.upright}
