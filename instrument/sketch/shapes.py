@@ -79,7 +79,8 @@ def blur(video: torch.Tensor, sigma: float) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def single_object_specs(start: int, count: int, object_scale: float = 1.0, upright: bool = False) -> list[data.ClipSpec]:
+def single_object_specs(start: int, count: int, object_scale: float = 1.0,
+                        upright: bool = False) -> list[data.ClipSpec]:
     """The first `count` clips from seed `start` on that hold one object."""
     specs, seed = [], start
     while len(specs) < count:
