@@ -122,9 +122,11 @@ def test_cc_14bit_nrpn_notes_program_clock(rig):
 
     # MIDI clock at 24 pulses per beat, 150 bpm: one pulse every 1/60 s.
     sender.send(0xFA)
-    for _ in range(49):
+    start = time.monotonic()
+    for i in range(49):
         sender.send(0xF8)
-        time.sleep(1 / 60)
+        # to deadlines, not fixed sleeps: on a loaded machine late wake-ups would add up to a slower tempo
+        time.sleep(max(0.0, start + (i + 1) / 60 - time.monotonic()))
     assert wait_for(lambda: sum(e.kind == "clock" for e in events) >= 49)
     assert [e.kind for e in events if e.kind == "start"] == ["start"]
     assert router.tempo.bpm == pytest.approx(150, rel=0.05)
