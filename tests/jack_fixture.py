@@ -53,7 +53,7 @@ def jack_server():
                JACK_NO_START_SERVER="1")
     # -S (synchronous): the server waits for every client each cycle. In JACK2's default asynchronous mode a
     # client late for its cycle (a loaded CI machine, no realtime scheduling) has that cycle's MIDI dropped:
-    # 1 to 5 of 600 clock pulses were lost with the cores busy, none with -S (3,000 of 3,000).
+    # 1 to 5 clock pulses were lost in 6 of 7 runs of 300-600 with the cores busy, none with -S (3,000 of 3,000).
     proc = subprocess.Popen([jackd, "--no-realtime", "-S", "-d", "dummy", "-r", "48000", "-p", "128"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     saved = {k: os.environ.get(k) for k in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
