@@ -61,6 +61,42 @@ def test_upright_clips_start_every_object_at_angle_zero_and_change_nothing_else(
     assert (mask(0.0) != mask(math.pi / 2)).float().mean() < 0.002  # a quarter turn of a square is the square
 
 
+def test_pieces_count_8_connected_blobs_as_a_direct_flood_fill_does():
+    def flood(mask, min_pixels):  # breadth-first over the 8 neighbours, pixel by pixel
+        m, seen, count = mask.tolist(), set(), 0
+        h, w = len(m), len(m[0])
+        for y0 in range(h):
+            for x0 in range(w):
+                if not m[y0][x0] or (y0, x0) in seen:
+                    continue
+                todo, size = [(y0, x0)], 0
+                seen.add((y0, x0))
+                while todo:
+                    y, x = todo.pop()
+                    size += 1
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = y + dy, x + dx
+                            if 0 <= ny < h and 0 <= nx < w and m[ny][nx] and (ny, nx) not in seen:
+                                seen.add((ny, nx))
+                                todo.append((ny, nx))
+                count += size >= min_pixels
+        return count
+
+    for density in (0.3, 0.45, 0.6):
+        mask = torch.rand(40, 56) < density
+        for min_pixels in (1, 3, 12):
+            assert data.pieces(mask, min_pixels) == flood(mask, min_pixels)
+    assert data.pieces(torch.zeros(8, 8, dtype=torch.bool)) == 0
+    ring = torch.zeros(30, 30, dtype=torch.bool)  # a ring is one piece; its hole does not split it
+    yy, xx = torch.meshgrid(torch.arange(30), torch.arange(30), indexing="ij")
+    ring[((yy - 15) ** 2 + (xx - 15) ** 2 - 100).abs() < 30] = True
+    assert data.pieces(ring) == 1
+    two = ring.clone()
+    two[:, 14:17] = False  # cut through: two arcs
+    assert data.pieces(two) == 2
+
+
 def test_captions_parse_back_to_what_was_rendered():
     seen = {"shape": set(), "motion": set(), "background": set(), "count": set()}
     for seed in range(600):
@@ -738,6 +774,7 @@ def test_the_shape_reader_reads_outlines_wherever_and_however_large_they_are():
     assert shapes.accuracy(reader, count=200, seed=int(torch.randint(0, 1000, ()))) > 0.5
     r = evaluate.shape_following(None, reader, captions=6, frames=5, source="clips")
     assert r["captions"] == 6 and len(r["rows"]) == 6
+    assert r["one_piece"] == 1.0  # the clips draw each caption's one object as one piece
     for row, spec in zip(r["rows"], shapes.single_object_specs(evaluate.HELD_OUT, 6)):
         video = evaluate.clip_video(None, spec, 5, "clips", data.SIZE)
         assert row["shape"] == data.majority([reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)])

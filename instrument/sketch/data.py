@@ -420,6 +420,26 @@ def object_mask(frame, colour: str) -> torch.Tensor:
     return full & (names == _COLOUR_NAMES.index(colour))
 
 
+def pieces(mask: torch.Tensor, min_pixels: int = 12) -> int:
+    """How many separate pieces (8-connected) of at least `min_pixels` pixels a [H, W] bool mask holds: one
+    object drawn as several blobs counts several."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return 0
+    mask = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # the passes below cost by area
+    h, w = mask.shape
+    free = float(h * w)  # above every label: what the pixels outside the mask hold
+    labels = torch.where(mask, torch.arange(h * w, dtype=torch.float32).view(h, w), free)
+    while True:  # each pass lets the smallest label in a piece reach one pixel further
+        spread = -F.max_pool2d(-labels[None, None], 3, stride=1, padding=1)[0, 0]
+        spread = torch.where(mask, spread, free)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    _, sizes = torch.unique(labels[mask], return_counts=True)
+    return int((sizes >= min_pixels).sum())
+
+
 def colour_counts(frame) -> dict[str, float]:
     """Fraction of the frame covered by each object colour, the background's colour left out."""
     return frame_colours(frame)[1]
