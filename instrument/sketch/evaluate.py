@@ -160,15 +160,15 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
     for j, spec in enumerate(single_object_specs(HELD_OUT, captions, *_drawing(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, seed=j, chunk=chunk)
         truth = spec.instances[0]
-        shown = data.frames_of(video)[:frames]
-        read = [reader.read(f, truth.colour) for f in shown]
+        masks = [data.object_mask(f, truth.colour) for f in data.frames_of(video)[:frames]]
+        read = [reader.read_mask(m) for m in masks]
         shape = data.majority(read)
         rows.append({"caption": spec.caption, "shape": shape, "ok": shape == truth.shape,
                      "frames_read": sum(r is not None for r in read),
                      "frames_ok": sum(r == truth.shape for r in read),
                      # the caption names one object: several blobs of its colour are a count error (and the
                      # reader, cropping around all of them, cannot read their shape)
-                     "pieces": [data.pieces(data.object_mask(f, truth.colour)) for f in shown]})
+                     "pieces": [data.pieces(m) for m in masks]})
         if (j + 1) % 20 == 0:
             progress(f"shape following ({source}): {j + 1}/{captions} captions, shape agrees on "
                      f"{sum(r['ok'] for r in rows)}")

@@ -43,7 +43,12 @@ class ShapeReader(nn.Module):
     @torch.no_grad()
     def read(self, frame, colour: str) -> str | None:
         """The shape of the `colour` object in one frame ([H, W, 3] uint8 or float), None if it does not show."""
-        crop = crop_mask(data.object_mask(frame, colour))
+        return self.read_mask(data.object_mask(frame, colour))
+
+    @torch.no_grad()
+    def read_mask(self, mask: torch.Tensor) -> str | None:
+        """The shape an object mask ([H, W] bool, `data.object_mask`) outlines, None if it is too small."""
+        crop = crop_mask(mask)
         if crop is None:
             return None
         return data.SHAPES[int(self(crop[None, None]).argmax())]
