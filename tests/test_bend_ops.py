@@ -141,6 +141,30 @@ def test_mix_keeps_dtype_with_float32_weights():
     assert torch.equal(ops.mix(x, torch.randn(3, 4), torch.zeros(4)), x)
 
 
+def test_scale_shift_is_mix_of_the_affine_bend(rng):
+    x = t64(rng.normal(size=(2, 5, 6)))
+    w = rng.uniform(size=6)
+    w[[1, 4]] = 0
+    scale, shift = rng.uniform(-4, 4, size=2)
+    got = ops.scale_shift(x, t64(w), t64(scale), t64(shift))
+    close(got, ref_mix(x.numpy(), x.numpy() * scale + shift, w))
+    close(ops.scale_shift(x, t64(w), t64(scale)), ref_mix(x.numpy(), x.numpy() * scale, w))
+    assert torch.equal(got[..., [1, 4]], x[..., [1, 4]])
+    assert torch.equal(ops.scale_shift(x, torch.zeros(()), t64(scale), t64(shift)), x)
+    # In bfloat16 the factors are applied in float32 and the result rounded once: within half a bf16 ulp
+    # of the float64 result, and never coarser than mixing a bent bf16 copy (two roundings).
+    xb = torch.tensor(rng.normal(size=(64, 6)), dtype=torch.bfloat16)
+    wb = torch.tensor(rng.uniform(0.1, 1, size=6), dtype=torch.float32)
+    got = ops.scale_shift(xb, wb, torch.tensor(scale, dtype=torch.float32), torch.tensor(shift, dtype=torch.float32))
+    assert got.dtype == torch.bfloat16
+    x64, w64 = xb.double().numpy(), wb.double().numpy()
+    exact = x64 * (1 + w64 * (np.float32(scale) - 1)) + w64 * np.float32(shift)
+    err = np.abs(got.double().numpy() - exact)
+    assert (err <= np.abs(exact) * 2.0**-8 + 1e-30).all()
+    mixed = ops.mix(xb, xb * torch.tensor(scale, dtype=torch.bfloat16) + torch.tensor(shift, dtype=torch.bfloat16), wb)
+    assert err.mean() <= np.abs(mixed.double().numpy() - exact).mean()
+
+
 def test_guard_replaces_and_counts(rng):
     a = rng.normal(size=(4, 7)) * 10
     a[0, 1] = np.nan

@@ -145,6 +145,33 @@ def test_every_op_changes_the_picture_and_mix_0_is_bit_identical(rig):
     assert same(run(engine, kw, patch=ALL_OPS, setup=zero_mix), unbent)
 
 
+def test_armed_cross_bends_add_no_attention_call(rig, monkeypatch):
+    """Gains and value swaps ride in the one fused cross-attention call (BENCHMARKS round 9: a second call
+    per layer and pass cost 9.5 ms a chunk); only map bends compute probabilities besides."""
+    engine, kw, _ = rig
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def count(patch):
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+        try:
+            calls.clear()
+            bent = run(engine, kw, chunks=2, patch=patch)
+            return len(calls), bent
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real)
+
+    plain, unbent = count(None)
+    armed, bent = count('[[bend]]\nname="g"\nop="cross.gain"\ntokens="fox"\ngain=4\n'
+                        '[[bend]]\nname="s"\nop="cross.swap"\ntokens="red"\nwith="blue"\n')
+    assert plain > 0 and armed == plain
+    assert not same(bent, unbent)
+
+
 @pytest.mark.parametrize("op,knobs", [
     ("self.temperature", "temperature = 1.0"), ("self.gain", "gain = 1.0"), ("self.transform", ""),
     ("cross.gain", 'tokens = "fox"\ngain = 1.0'), ("cross.map", 'tokens = "fox"'),

@@ -26,10 +26,10 @@ variant() {
     --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error)|Error|error:" | tail -n 8
 }
 
-# Round 9: the frames' page-locked copy in the plain path (base, fp8-w9, chunk1 against round 8), and the
-# bent FP8 path's profile (its bend overhead is 7-8% against base's 3.9%).
+# Round 10: the bends without their extra kernels (one cross-attention call with a logit bias, armed or
+# not; the FFN gain and scale bends as one multiply-add without the NaN guard's pass), against round 9.
 variant base --profile 2
-variant fp8-overlap-w9 --fp8 --overlap-decode --window 9 --profile 2
-variant fp8-w9 --fp8 --window 9
+variant fp8-w9 --fp8 --window 9 --profile 2
 variant chunk1 --chunk 1
+variant fp8 --fp8
 ls -l "$OUT"

@@ -79,6 +79,22 @@ def mix(x: Tensor, bent: Tensor, w) -> Tensor:
     return torch.where(w == 0, x, x + w * (bent.to(x.dtype) - x))
 
 
+def scale_shift(x: Tensor, w, scale, shift=None) -> Tensor:
+    """mix(x, x * scale + shift, w) as one multiply-add: x where w == 0 (bit-identical), else
+    x * (1 + w * (scale - 1)) + w * shift, computed in at least float32.
+
+    For bends whose bent value is affine in x: the per-unit factors are a vector the size of w, so the
+    whole bend fuses into the kernel that produced x (the FFN's GELU) instead of writing a bent copy and
+    reading it back to mix and check it.
+    """
+    work = torch.promote_types(x.dtype, torch.float32)
+    w = _param(w, x, work)
+    out = x.to(work) * (1.0 + w * (_param(scale, x, work) - 1.0))
+    if shift is not None:
+        out = out + w * _param(shift, x, work)
+    return torch.where(w == 0, x, out.to(x.dtype))
+
+
 def guard(t: Tensor, bound: float | None = None) -> tuple[Tensor, Tensor]:
     """Replace non-finite values; returns (clean, bad) with `bad` a 0-d float32 count of them.
 
