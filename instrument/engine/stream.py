@@ -411,6 +411,21 @@ class Stream:
         self.frame += s.chunk
         return _Launched(first, x0, arrived, t0, time.perf_counter(), None if start is None else (start, self._event()))
 
+    def predict_clean(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The DiT's clean prediction (float32) for the next chunk's latents `x` noised to `sigma`, with the
+        stream's prompt, cache and armed bends as they are (as its first step sees them). The stream does not
+        advance: the next chunk's own passes overwrite the cache slots this pass writes. For analysis (what
+        the model makes of a word, `sketch.evaluate`'s word use), not for the render loop."""
+        e = self.engine
+        e.dit.bends.load_values(e.params, self.prompt, self.grid)
+        self._update_context()
+        self.cache.place(self.frame, self.settings.chunk)
+        rope = rope_tables(self.grid, self.frame, e.dit.head_dim, device=e.device)
+        t = torch.full((1,), sigma * 1000.0, device=e.device)
+        v = e.runner(x.to(device=e.device, dtype=e.dtype), t, self.context, self.cache, rope, 0,
+                     len(self.settings.sigmas))
+        return x.to(e.device).float() - sigma * v.float()
+
     def _settle(self, launched: _Launched) -> torch.Tensor:
         """Its clean latents, checked: waits for its DiT work; must run before the next chunk launches."""
         return self._recover_if_broken(launched.x0, launched.first)

@@ -22,6 +22,9 @@ model would reach on the same captions, and the clips through the codec, encoded
   (pixel std) and the change from frame to frame; collapse is a stream whose last fifth lost its contrast
   (below half the first fifth's, or below MIN_CONTRAST) or stopped following its caption compared with
   its first fifth, or that produced a non-finite value.
+- word use: the DiT's clean prediction for noised held-out clips with the caption's own words against the
+  same caption with one word swapped (object colour, shape, background colour): whether the model uses
+  that kind of word at all, without training a reader or streaming.
 - word ablation: a colour word's cross-attention taken away (cross.gain 0 on its tokens, every layer and
   step); that colour's share of the frame before and after, and mix 0 giving the unbent frames exactly.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..engine.vae import to_uint8_frames
 from ..errors import UserError, module_main
@@ -222,6 +226,75 @@ def coherence(engine, caption: str, frames: int = 1000, seed: int = 0, chunk: in
     return summary
 
 
+WORD_SIGMAS = (0.9, 0.7, 0.5)
+SWAPS = ("colour", "shape", "background")  # which word of a single-object caption word_use replaces
+
+
+def swap_word(spec: data.ClipSpec, kind: str, rng: np.random.Generator) -> str:
+    """The caption with the object's colour, its shape or the background's colour replaced by another of its
+    kind (never the other colour the caption names), articles fixed to match."""
+    inst, desc = spec.instances[0], spec.description
+    words = spec.caption.split()
+    if kind == "shape":
+        old, pool = inst.shape, [s for s in data.SHAPES if s != inst.shape]
+        at = words.index(old)
+    else:
+        old = inst.colour if kind == "colour" else desc.background_colour
+        pool = [c for c in data.COLOURS if c not in (inst.colour, desc.background_colour)]
+        at = words.index(old) if kind == "colour" else len(words) - 1 - words[::-1].index(old)
+    words[at] = str(rng.choice(pool))
+    if at > 0 and words[at - 1] in ("a", "an"):
+        words[at - 1] = "an" if words[at][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> dict:
+    """How much the DiT relies on each kind of caption word. Held-out single-object clips (their first chunk,
+    through the codec) are noised to each sigma with fixed noise; the error of the model's clean prediction
+    (`Stream.predict_clean`) with the caption's own words is compared with the error after the object's
+    colour, its shape or the background's colour is swapped for another: over the latent pixels that show
+    the object (colour, shape) or only the background (background). A ratio near 1 means the model ignores
+    that kind of word."""
+    from .shapes import single_object_specs
+
+    progress = progress or Progress(enabled=False)
+    codec = engine.components.vae
+    chunk = 3
+    frames = 1 + (chunk - 1) * 4  # the first chunk's video frames
+    rng = np.random.default_rng(0)
+    sums = {k: np.zeros((2, len(sigmas))) for k in ("own", *SWAPS)}  # [object, background] error per sigma
+    specs = single_object_specs(HELD_OUT + 10**6, captions, *_drawing(engine, None))
+    for j, spec in enumerate(specs):
+        with torch.no_grad():
+            times = data.clip_times(frames)
+            clip = data.render([spec], times, engine.default_size[0])
+            empty = data.ClipSpec(spec.seed, spec.description, (), spec.background_params)
+            shows = (clip - data.render([empty], times, engine.default_size[0])).abs().amax(1, keepdim=True)
+            # a latent pixel shows the object when any video pixel it encodes does (the first latent frame
+            # encodes frame 0 alone, each later one 4 frames)
+            shows = torch.cat([shows[:, :, :1].expand(-1, -1, 3, -1, -1), shows], 2)
+            on_object = (F.max_pool3d(shows, (4, 8, 8)) > 0.05).float()[0, 0].to(engine.device)
+            z = codec.encode(clip.to(next(codec.parameters()).device)).float()
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
+            prompts = {"own": spec.caption, **{k: swap_word(spec, k, rng) for k in SWAPS}}
+            for name, prompt in prompts.items():
+                stream = engine.stream(prompt, chunk=chunk)
+                for i, sigma in enumerate(sigmas):
+                    x0 = stream.predict_clean((1 - sigma) * z + sigma * noise, sigma)
+                    err = (x0 - z).pow(2).mean(dim=1)[0]  # [F, h, w]
+                    for m, where in enumerate((on_object, 1 - on_object)):
+                        sums[name][m, i] += float((err * where).sum() / where.sum().clamp_min(1))
+        if (j + 1) % 10 == 0:
+            progress(f"word use: {j + 1}/{captions} captions")
+    own = sums["own"]
+    ratio = {k: (sums[k][1 if k == "background" else 0] / own[1 if k == "background" else 0]).round(4).tolist()
+             for k in SWAPS}
+    return {"captions": captions, "sigmas": list(sigmas), "chunk_frames": frames,
+            "error_object": {k: (v[0] / captions).tolist() for k, v in sums.items()},
+            "error_background": {k: (v[1] / captions).tolist() for k, v in sums.items()},
+            "ratio": ratio}
+
+
 def ablation_patch(word: str) -> str:
     return (f'name = "ablate {word}"\n\n[[bend]]\nname = "ablate"\nop = "cross.gain"\ntokens = "{word}"\n'
             "gain = 0.0\n")
@@ -309,7 +382,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "model's (what a codec keeps of larger objects)")
     parser.add_argument("--upright", action="store_true",
                         help="draw the held-out clips' objects starting at angle 0, whatever the model was trained on")
-    parser.add_argument("--only", default="reference,codec,following,shapes,coherence,ablation,strip",
+    parser.add_argument("--only", default="reference,codec,following,shapes,words,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
 
@@ -368,6 +441,11 @@ def run(args) -> int:
             progress(f"shape following ({source}) on {r['captions']} single-object held-out captions: "
                      f"{r['shape']:.1%} (frame by frame {r['frames_ok']:.1%} of the frames the object shows in; "
                      f"one piece in {r['one_piece']:.1%} of them)")
+    if "words" in only and isinstance(engine.components.vae, Codec):
+        r = report["word_use"] = word_use(engine, min(args.captions, 30), progress=progress)
+        progress("word use (error with the word swapped / with the caption's own, at sigma "
+                 + ", ".join(f"{s:g}" for s in r["sigmas"]) + "): "
+                 + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v) for k, v in r["ratio"].items()))
     if "coherence" in only:
         report["coherence"] = []
         for j, spec in enumerate(held_out_specs(args.long_captions)):
