@@ -546,6 +546,58 @@ def test_dit_loss_weighs_each_latent_pixel_by_the_objects_it_encodes(tmp_path):
     assert Config.from_json(older).dit_object_weight == 0.0  # runs from before it resume unweighted
 
 
+def test_outline_marks_where_only_the_shape_word_explains_the_pixels(tmp_path):
+    """data.outline against a direct computation (each shape drawn alone at the object's pose through the
+    renderer, the object's colour against a black background), and the DiT weight it adds."""
+    from instrument.sketch.train import latent_object_weight
+
+    rng = np.random.default_rng()
+    specs = [s for s in (data.sample(int(x), 2.0, True) for x in rng.integers(0, 2**40, 60))
+             if len(s.instances) == 1][:3]
+    times = data.clip_times(5, float(rng.uniform(0, 20)))
+    got = data.outline(specs, times, 64)
+    assert got.shape == (3, 1, 5, 64, 64)
+    for b, spec in enumerate(specs):
+        inst = spec.instances[0]
+        cover = []
+        for shape in data.SHAPES:  # a white object of that shape on black: the red channel is its coverage
+            alone = dataclasses.replace(spec, instances=(dataclasses.replace(inst, shape=shape, colour="white"),),
+                                        description=dataclasses.replace(spec.description, background_colour="black"))
+            video = data.render([alone], times, 64)[0]
+            empty = data.render([dataclasses.replace(alone, instances=())], times, 64)[0]
+            white, black = (torch.tensor(data.COLOURS[c], dtype=torch.float32) / 255 for c in ("white", "black"))
+            cover.append((video[0] - empty[0]) / (white[0] - empty[0].clamp(max=black[0]) + 1e-12))
+        cover = torch.stack(cover)
+        want = (cover[data.SHAPES.index(inst.shape)] - cover.mean(0)).abs()
+        torch.testing.assert_close(got[b, 0], want, atol=2e-3, rtol=0)
+    assert got.amax() > 0.3 and (got == 0).float().mean() > 0.5  # an outline band; the background is 0
+
+    video = data.render(specs, times, 64)
+    plain = latent_object_weight(video, 4.0)
+    assert torch.equal(latent_object_weight(video, 4.0, got, 0.0), plain)  # weight 0: as before
+    only = latent_object_weight(video, 0.0, got, 16.0)
+    want = torch.zeros_like(only)  # 1 + 16 x the largest outline of the pixels each latent pixel encodes
+    for b in range(3):
+        for s, frames in enumerate(([0], [1, 2, 3, 4])):
+            for i in range(8):
+                for j in range(8):
+                    want[b, 0, s, i, j] = 1 + 16.0 * got[b, 0, frames, 8 * i:8 * i + 8, 8 * j:8 * j + 8].max()
+        want[b] /= want[b].mean()
+    torch.testing.assert_close(only, want)
+    both = latent_object_weight(video, 4.0, got, 16.0)
+    torch.testing.assert_close(both.mean(dim=(1, 2, 3, 4)), torch.ones(3))
+    assert not torch.equal(both, plain)
+
+    cfg = Config.tiny()
+    cfg.dit_outline_weight = 8.0
+    trainer = Trainer(tmp_path, cfg)
+    weight = trainer.dit_batch(0)[3]
+    trainer.cfg.dit_outline_weight = 0.0
+    assert not torch.equal(weight, trainer.dit_batch(0)[3])
+    older = {k: v for k, v in cfg.to_json().items() if k != "dit_outline_weight"}
+    assert Config.from_json(older).dit_outline_weight == 0.0
+
+
 def test_part_of_each_batch_sees_its_own_predictions_as_context(tmp_path):
     """self_context: the first clips of a batch take as clean context the model's x0 prediction from the
     schedule's last sigma (what the engine's context pass caches), computed in float64 here by hand."""
@@ -620,7 +672,8 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
                         "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
-                        "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright"],
+                        "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
+                        "--dit-outline-weight", "2"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
@@ -628,7 +681,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
-    assert state["config"]["shift"] == 1.0
+    assert state["config"]["shift"] == 1.0 and state["config"]["dit_outline_weight"] == 2.0
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
@@ -702,6 +755,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--object-scale", "4"],
                          capture_output=True, text=True, timeout=120)
     assert big.returncode == 2 and "radius factor" in big.stderr and "Traceback" not in big.stderr
+    negative = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "neg"),
+                               "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-outline-weight", "-1"],
+                              capture_output=True, text=True, timeout=120)
+    assert negative.returncode == 2 and "--dit-outline-weight -1" in negative.stderr
     with pytest.raises(ValueError, match="object scale"):
         data.sample(1, 0.0)
 

@@ -338,20 +338,44 @@ def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=
         times = times.expand(len(specs), -1)
     steps = times.shape[1]
     video = torch.stack([_background(s, size, device) for s in specs])[:, :, None].repeat(1, 1, steps, 1, 1)
-    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-    gy, gx = coords.view(1, size, 1), coords.view(1, 1, size)
     for b, spec in enumerate(specs):
         clip = video[b]  # [3, T, H, W], painted in place, objects in order
         for inst in spec.instances:
-            x, y, r, a = (v.view(steps, 1, 1) for v in _pose(inst, times[b]))
-            dx, dy = gx - x, gy - y
-            cos, sin = torch.cos(a), torch.sin(a)
-            px = (cos * dx + sin * dy) / r
-            py = -(-sin * dx + cos * dy) / r  # image rows point down, the distance functions' y up
-            alpha = (0.5 - shape_sdf(inst.shape, px, py) * r * size).clamp(0, 1)
+            alpha = _coverage(inst, (inst.shape,), times[b], size)[0]
             colour = _palette(device)[_COLOUR_NAMES.index(inst.colour)].view(3, 1, 1, 1)
             clip.mul_(1 - alpha).add_(alpha * colour)
     return video
+
+
+def _coverage(inst: Instance, shapes, times: torch.Tensor, size: int) -> torch.Tensor:
+    """[len(shapes), T, size, size]: how much of each pixel these shapes would cover at the instance's pose."""
+    steps, device = times.shape[0], times.device
+    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    gy, gx = coords.view(1, size, 1), coords.view(1, 1, size)
+    x, y, r, a = (v.view(steps, 1, 1) for v in _pose(inst, times))
+    dx, dy = gx - x, gy - y
+    cos, sin = torch.cos(a), torch.sin(a)
+    px = (cos * dx + sin * dy) / r
+    py = -(-sin * dx + cos * dy) / r  # image rows point down, the distance functions' y up
+    return torch.stack([(0.5 - shape_sdf(s, px, py) * r * size).clamp(0, 1) for s in shapes])
+
+
+def outline(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
+    """[B, 1, T, size, size] in 0..1: where each object's own shape differs from the average of all shapes at
+    its pose (|its coverage - the mean coverage of SHAPES|, the largest over a clip's objects). Zero on the
+    background and deep inside objects; high at a star's points, a square's corners, a ring's hole: the
+    pixels only the shape word explains."""
+    device = torch.device(device or "cpu")
+    times = upload(torch.as_tensor(times, dtype=torch.float32), device)
+    if times.ndim == 1:
+        times = times.expand(len(specs), -1)
+    out = torch.zeros(len(specs), 1, times.shape[1], size, size, device=device)
+    for b, spec in enumerate(specs):
+        for inst in spec.instances:
+            cover = _coverage(inst, SHAPES, times[b], size)
+            own = cover[SHAPES.index(inst.shape)]
+            out[b, 0] = torch.maximum(out[b, 0], (own - cover.mean(0)).abs())
+    return out
 
 
 def clip_times(frames: int, start: float = 0.0, device=None) -> torch.Tensor:

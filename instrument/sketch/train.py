@@ -96,6 +96,10 @@ class Config:
     # the largest distance from the median among the video pixels it encodes (8x8 of them, over 4 frames),
     # normalised to a mean of 1 per clip.
     dit_object_weight: float = 4.0
+    # And + dit_outline_weight x the largest `data.outline` of those pixels: where the object's own shape
+    # differs from the average shape at its pose, the only pixels the shape word explains (the third run's
+    # DiT ignored its shape words: README, word use). 0 leaves the weights as they were.
+    dit_outline_weight: float = 0.0
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
     # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
@@ -154,6 +158,7 @@ class Config:
         obj["schedule"] = tuple(obj.get("schedule", SCHEDULE))  # runs from before it was a setting
         obj.setdefault("sigma_uniform", 0.0)
         obj.setdefault("dit_object_weight", 0.0)
+        obj.setdefault("dit_outline_weight", 0.0)
         obj.setdefault("self_context", 0.0)
         obj.setdefault("object_scale", 1.0)
         obj.setdefault("upright", False)
@@ -274,12 +279,18 @@ def object_distance(video: torch.Tensor) -> torch.Tensor:
     return (video - median).pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
-def latent_object_weight(video: torch.Tensor, weight: float) -> torch.Tensor:
+def latent_object_weight(video: torch.Tensor, weight: float, outline: torch.Tensor | None = None,
+                         outline_weight: float = 0.0) -> torch.Tensor:
     """[B, 1, S, H/8, W/8] loss weights on the codec's latent grid: 1 + weight x the largest object distance of
-    the video pixels a latent pixel encodes (its first frame alone, then 4 frames each), with a mean of 1."""
-    far = object_distance(video)
-    far = torch.cat([far[:, :, :1].expand(-1, -1, TEMPORAL - 1, -1, -1), far], dim=2)  # frame 0 fills a group
-    w = 1.0 + weight * F.max_pool3d(far, kernel_size=(TEMPORAL, 8, 8))
+    the video pixels a latent pixel encodes (its first frame alone, then 4 frames each) + outline_weight x the
+    largest of their `outline` [B, 1, T, H, W] values, with a mean of 1."""
+    def pooled(m):
+        m = torch.cat([m[:, :, :1].expand(-1, -1, TEMPORAL - 1, -1, -1), m], dim=2)  # frame 0 fills a group
+        return F.max_pool3d(m, kernel_size=(TEMPORAL, 8, 8))
+
+    w = 1.0 + weight * pooled(object_distance(video))
+    if outline is not None and outline_weight:
+        w = w + outline_weight * pooled(outline)
     return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
@@ -347,7 +358,9 @@ class Trainer:
         video = data.render(specs, times, cfg.size, self.device)
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(video).float()
-        weight = latent_object_weight(video, cfg.dit_object_weight) if cfg.dit_object_weight else None
+        outline = data.outline(specs, times, cfg.size, self.device) if cfg.dit_outline_weight else None
+        weight = (latent_object_weight(video, cfg.dit_object_weight, outline, cfg.dit_outline_weight)
+                  if cfg.dit_object_weight or cfg.dit_outline_weight else None)
         return latents, [s.caption for s in specs], gap, weight
 
     def _autocast(self):
@@ -739,6 +752,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "folder such as the shipped instrument/sketch/model (same size and codec)")
     parser.add_argument("--dit-object-weight", type=float, default=None,
                         help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
+    parser.add_argument("--dit-outline-weight", type=float, default=None,
+                        help="a new run's extra DiT loss weight where the object's shape differs from the average "
+                             "shape at its pose (default 0)")
     parser.add_argument("--dit-batch", type=int, default=None,
                         help="a new run's clips per DiT step (default 32; tools/sketch-step-times.py says what a "
                              "GPU takes at no extra time per step)")
@@ -785,6 +801,7 @@ def run(args) -> int:
             cfg.schedule = parse_schedule(args.schedule)
         for name, ok, what in (("sigma_uniform", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
                                ("self_context", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
+                               ("dit_outline_weight", lambda v: 0.0 <= v < float("inf"), "a weight, 0 or more"),
                                ("dit_batch", lambda v: v >= 1, "at least one clip"),
                                ("codec_batch", lambda v: v >= 1, "at least one clip"),
                                ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
