@@ -37,6 +37,13 @@ CONFIG = dict(widths=(24, 48), latent_width=96, z_dim=LATENT)
 WEIGHTS = "model.safetensors"
 
 
+def latent_max(m: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1+4k, H, W] per video pixel -> [B, C, 1+k, H/8, W/8]: the largest value among the video pixels each
+    latent pixel encodes (the first latent frame encodes frame 0 alone, each later one 4 frames)."""
+    m = torch.cat([m[:, :, :1].expand(-1, -1, TEMPORAL - 1, -1, -1), m], dim=2)  # frame 0 fills a group
+    return F.max_pool3d(m, kernel_size=(TEMPORAL, SPATIAL, SPATIAL))
+
+
 class CausalTime(nn.Module):
     """A conv over (latent frames x space) with kernel 2 in time: frame j sees frames j-1 and j.
 

@@ -39,13 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine.vae import to_uint8_frames
 from ..errors import UserError, module_main
 from ..progress import Progress
 from . import data
-from .codec import Codec
+from .codec import Codec, latent_max
 
 HELD_OUT = 2**50  # clip seeds from here on: the trainer draws below 2**42 (seed 0) or from 2**60 (seed >= 1)
 MIN_CONTRAST = 0.01  # pixel std below which a frame is flat (procedural clips at 128: 0.025 to 0.18)
@@ -270,10 +269,8 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
             clip = data.render([spec], times, engine.default_size[0])
             empty = data.ClipSpec(spec.seed, spec.description, (), spec.background_params)
             shows = (clip - data.render([empty], times, engine.default_size[0])).abs().amax(1, keepdim=True)
-            # a latent pixel shows the object when any video pixel it encodes does (the first latent frame
-            # encodes frame 0 alone, each later one 4 frames)
-            shows = torch.cat([shows[:, :, :1].expand(-1, -1, 3, -1, -1), shows], 2)
-            on_object = (F.max_pool3d(shows, (4, 8, 8)) > 0.05).float()[0, 0].to(engine.device)
+            # a latent pixel shows the object when any video pixel it encodes does
+            on_object = (latent_max(shows) > 0.05).float()[0, 0].to(engine.device)
             z = codec.encode(clip.to(next(codec.parameters()).device)).float()
             noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
             prompts = {"own": spec.caption, **{k: swap_word(spec, k, rng) for k in SWAPS}}

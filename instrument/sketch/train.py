@@ -42,14 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine.dit import TokenGrid, rope_tables
 from ..engine.stream import SCHEDULE, SHIFT, warp
 from ..errors import UserError, module_main
 from ..progress import Progress
 from . import data
-from .codec import TEMPORAL, Codec
+from .codec import TEMPORAL, Codec, latent_max
 
 TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
@@ -284,13 +283,9 @@ def latent_object_weight(video: torch.Tensor, weight: float, outline: torch.Tens
     """[B, 1, S, H/8, W/8] loss weights on the codec's latent grid: 1 + weight x the largest object distance of
     the video pixels a latent pixel encodes (its first frame alone, then 4 frames each) + outline_weight x the
     largest of their `outline` [B, 1, T, H, W] values, with a mean of 1."""
-    def pooled(m):
-        m = torch.cat([m[:, :, :1].expand(-1, -1, TEMPORAL - 1, -1, -1), m], dim=2)  # frame 0 fills a group
-        return F.max_pool3d(m, kernel_size=(TEMPORAL, 8, 8))
-
-    w = 1.0 + weight * pooled(object_distance(video))
+    w = 1.0 + weight * latent_max(object_distance(video))
     if outline is not None and outline_weight:
-        w = w + outline_weight * pooled(outline)
+        w = w + outline_weight * latent_max(outline)
     return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
