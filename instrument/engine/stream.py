@@ -382,12 +382,7 @@ class Stream:
         e = self.engine
         t0 = time.perf_counter()
         arrived = e.params.take_arrivals()
-        e.dit.bends.load_values(e.params, self.prompt, self.grid)
-        self._update_context()
-        if self._recache:
-            self._recache_window()
-            self._recache = False
-
+        self._take_controls()
         s = self.settings
         first = self.frame
         start = self._event()
@@ -411,14 +406,22 @@ class Stream:
         self.frame += s.chunk
         return _Launched(first, x0, arrived, t0, time.perf_counter(), None if start is None else (start, self._event()))
 
+    def _take_controls(self) -> None:
+        """The knobs and the prompt as they are now, into the device tensors the passes read (and the cache
+        re-encoded if the prompt switched)."""
+        self.engine.dit.bends.load_values(self.engine.params, self.prompt, self.grid)
+        self._update_context()
+        if self._recache:
+            self._recache_window()
+            self._recache = False
+
     def predict_clean(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """The DiT's clean prediction (float32) for the next chunk's latents `x` noised to `sigma`, with the
         stream's prompt, cache and armed bends as they are (as its first step sees them). The stream does not
         advance: the next chunk's own passes overwrite the cache slots this pass writes. For analysis (what
         the model makes of a word, `sketch.evaluate`'s word use), not for the render loop."""
         e = self.engine
-        e.dit.bends.load_values(e.params, self.prompt, self.grid)
-        self._update_context()
+        self._take_controls()
         self.cache.place(self.frame, self.settings.chunk)
         rope = rope_tables(self.grid, self.frame, e.dit.head_dim, device=e.device)
         t = torch.full((1,), sigma * 1000.0, device=e.device)

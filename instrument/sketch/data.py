@@ -333,9 +333,7 @@ def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
 def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
     """Video [B, 3, T, size, size] in 0..1 (float32) of each spec at `times` (seconds, [T] or [B, T])."""
     device = torch.device(device or "cpu")
-    times = upload(torch.as_tensor(times, dtype=torch.float32), device)
-    if times.ndim == 1:
-        times = times.expand(len(specs), -1)
+    times = _clip_times_on(times, len(specs), device)
     steps = times.shape[1]
     video = torch.stack([_background(s, size, device) for s in specs])[:, :, None].repeat(1, 1, steps, 1, 1)
     for b, spec in enumerate(specs):
@@ -345,6 +343,12 @@ def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=
             colour = _palette(device)[_COLOUR_NAMES.index(inst.colour)].view(3, 1, 1, 1)
             clip.mul_(1 - alpha).add_(alpha * colour)
     return video
+
+
+def _clip_times_on(times, clips: int, device: torch.device) -> torch.Tensor:
+    """[clips, T] times on the device, from [T] (shared by every clip) or [clips, T]."""
+    times = upload(torch.as_tensor(times, dtype=torch.float32), device)
+    return times.expand(clips, -1) if times.ndim == 1 else times
 
 
 def _coverage(inst: Instance, shapes, times: torch.Tensor, size: int) -> torch.Tensor:
@@ -366,9 +370,7 @@ def outline(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device
     background and deep inside objects; high at a star's points, a square's corners, a ring's hole: the
     pixels only the shape word explains."""
     device = torch.device(device or "cpu")
-    times = upload(torch.as_tensor(times, dtype=torch.float32), device)
-    if times.ndim == 1:
-        times = times.expand(len(specs), -1)
+    times = _clip_times_on(times, len(specs), device)
     out = torch.zeros(len(specs), 1, times.shape[1], size, size, device=device)
     for b, spec in enumerate(specs):
         for inst in spec.instances:

@@ -44,7 +44,7 @@ from ..engine.vae import to_uint8_frames
 from ..errors import UserError, module_main
 from ..progress import Progress
 from . import data
-from .codec import Codec, latent_max
+from .codec import TEMPORAL, Codec, latent_max
 
 HELD_OUT = 2**50  # clip seeds from here on: the trainer draws below 2**42 (seed 0) or from 2**60 (seed >= 1)
 MIN_CONTRAST = 0.01  # pixel std below which a frame is flat (procedural clips at 128: 0.025 to 0.18)
@@ -259,7 +259,7 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
     progress = progress or Progress(enabled=False)
     codec = engine.components.vae
     chunk = 3
-    frames = 1 + (chunk - 1) * 4  # the first chunk's video frames
+    frames = 1 + (chunk - 1) * TEMPORAL  # the first chunk's video frames
     rng = np.random.default_rng(0)
     sums = {k: np.zeros((2, len(sigmas))) for k in ("own", *SWAPS)}  # [object, background] error per sigma
     specs = single_object_specs(HELD_OUT + 10**6, captions, *_drawing(engine, None))
@@ -283,9 +283,8 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
                         sums[name][m, i] += float((err * where).sum() / where.sum().clamp_min(1))
         if (j + 1) % 10 == 0:
             progress(f"word use: {j + 1}/{captions} captions")
-    own = sums["own"]
-    ratio = {k: (sums[k][1 if k == "background" else 0] / own[1 if k == "background" else 0]).round(4).tolist()
-             for k in SWAPS}
+    where = {"colour": 0, "shape": 0, "background": 1}  # the object's latent pixels, or the background's
+    ratio = {k: (sums[k][where[k]] / sums["own"][where[k]]).round(4).tolist() for k in SWAPS}
     return {"captions": captions, "sigmas": list(sigmas), "chunk_frames": frames,
             "error_object": {k: (v[0] / captions).tolist() for k, v in sums.items()},
             "error_background": {k: (v[1] / captions).tolist() for k, v in sums.items()},
