@@ -598,6 +598,37 @@ def test_outline_marks_where_only_the_shape_word_explains_the_pixels(tmp_path):
     assert Config.from_json(older).dit_outline_weight == 0.0
 
 
+def test_the_sink_chunk_can_weigh_more_than_the_window(tmp_path):
+    """dit_sink_weight: the first chunk's latent frames weigh that many times the others', against a direct
+    computation, the clip's mean weight staying 1; 1 leaves the weights untouched."""
+    from instrument.sketch.train import sink_weighted
+
+    rng = np.random.default_rng()
+    factor = float(rng.uniform(1.5, 6.0))
+    weight = torch.rand(3, 1, 7, 4, 4, dtype=torch.float64) + 0.5
+    got = sink_weighted(weight, 2, factor)
+    want = weight.clone()
+    want[:, :, :2] *= factor
+    for b in range(3):
+        want[b] /= want[b].mean()
+    torch.testing.assert_close(got, want)
+
+    cfg = Config.tiny()
+    assert Config().dit_sink_weight == 1.0
+    trainer = Trainer(tmp_path, cfg)
+    plain = trainer.dit_batch(0)[3]
+    trainer.cfg.dit_sink_weight = factor
+    weighted = trainer.dit_batch(0)[3]
+    torch.testing.assert_close(weighted, sink_weighted(plain, cfg.sink, factor))
+    assert (weighted[:, :, :cfg.sink].mean() / weighted[:, :, cfg.sink:].mean()) > 1.2
+    trainer.cfg.dit_object_weight = 0.0  # no other weights: the sink weight alone, per frame
+    alone = trainer.dit_batch(0)[3]
+    assert alone.shape == (cfg.dit_batch, 1, cfg.latent_frames, 1, 1)
+    torch.testing.assert_close(alone[0, 0, 0, 0, 0] / alone[0, 0, -1, 0, 0], torch.tensor(factor))
+    older = {k: v for k, v in cfg.to_json().items() if k != "dit_sink_weight"}
+    assert Config.from_json(older).dit_sink_weight == 1.0
+
+
 def test_part_of_each_batch_sees_its_own_predictions_as_context(tmp_path):
     """self_context: the first clips of a batch take as clean context the model's x0 prediction from the
     schedule's last sigma (what the engine's context pass caches), computed in float64 here by hand."""
@@ -673,7 +704,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
                         "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                         "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
-                        "--dit-outline-weight", "2"],
+                        "--dit-outline-weight", "2", "--dit-sink-weight", "3"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
@@ -682,6 +713,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["config"]["shift"] == 1.0 and state["config"]["dit_outline_weight"] == 2.0
+    assert state["config"]["dit_sink_weight"] == 3.0
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
@@ -759,6 +791,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                                "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-outline-weight", "-1"],
                               capture_output=True, text=True, timeout=120)
     assert negative.returncode == 2 and "--dit-outline-weight -1" in negative.stderr
+    zero = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(tmp_path / "zero"),
+                           "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-sink-weight", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert zero.returncode == 2 and "--dit-sink-weight 0: a weight, more than 0" in zero.stderr
     with pytest.raises(ValueError, match="object scale"):
         data.sample(1, 0.0)
 

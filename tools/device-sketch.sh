@@ -6,7 +6,8 @@
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
 #   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
 #                                          (EVALUATE=0: no evaluation on the GPU machine, when its time is short)
-#   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py)
+#   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py;
+#                                          TIMES_ARGS: its options, e.g. "--dit-batches 32 --dit-outline-weights 0,16")
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
 # `train` options), CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a
@@ -54,7 +55,8 @@ report() {
 
 case $phase in
 times)
-  python3 tools/sketch-step-times.py --device "$DEVICE" --steps 5 --json "$OUT/step-times.json" 2>&1 | grep -v Warning
+  python3 tools/sketch-step-times.py --device "$DEVICE" --steps 5 --json "$OUT/step-times.json" ${TIMES_ARGS:-} 2>&1 \
+    | grep -v Warning
   ;;
 evaluate)
   name=${2:?checkpoint name}

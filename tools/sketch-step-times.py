@@ -35,8 +35,9 @@ def timed(fn, device, steps: int, warmup: int) -> float:
 
 
 # The trainers below never checkpoint: their output folder is never written.
-def dit_row(batch: int, device: str, steps: int, warmup: int) -> dict:
-    trainer = Trainer(tempfile.gettempdir(), Config(dit_batch=batch), device, progress=lambda *a: None)
+def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0) -> dict:
+    trainer = Trainer(tempfile.gettempdir(), Config(dit_batch=batch, dit_outline_weight=outline_weight), device,
+                      progress=lambda *a: None)
     trainer.codec.eval().requires_grad_(False)
     trainer.stage = "dit"
     fixed = trainer.dit_batch(0)
@@ -49,7 +50,7 @@ def dit_row(batch: int, device: str, steps: int, warmup: int) -> dict:
 
     fwd = timed(forward, device, steps, 1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return dict(stage="dit", batch=batch, step_ms=round(step, 1), batch_ms=round(data, 1), forward_ms=round(fwd, 1),
+    return dict(stage="dit", batch=batch, outline_weight=outline_weight, step_ms=round(step, 1), batch_ms=round(data, 1), forward_ms=round(fwd, 1),
                 clips_per_s=round(batch / step * 1000.0, 1), peak_gib=None if peak is None else round(peak, 2))
 
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dit-batches", default="32,64,128")
+    parser.add_argument("--dit-outline-weights", default="0",
+                        help="each DiT batch size timed at each of these --dit-outline-weight values (0: no outline)")
     parser.add_argument("--codec-batches", default="16,32,64")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -75,11 +78,12 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     rows = []
     for b in (int(x) for x in args.dit_batches.split(",") if x):
-        rows.append(dit_row(b, args.device, args.steps, args.warmup))
-        print(rows[-1], flush=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
+            rows.append(dit_row(b, args.device, args.steps, args.warmup, w))
+            print(rows[-1], flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     for b in (int(x) for x in args.codec_batches.split(",") if x):
         rows.append(codec_row(b, args.device, args.steps, args.warmup))
         print(rows[-1], flush=True)

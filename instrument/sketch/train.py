@@ -99,6 +99,11 @@ class Config:
     # differs from the average shape at its pose, the only pixels the shape word explains (the third run's
     # DiT ignored its shape words: README, word use). 0 leaves the weights as they were.
     dit_outline_weight: float = 0.0
+    # The sink chunk's loss weighs this many times a window chunk's (then the clip's weights are scaled back
+    # to a mean of 1). Only the first chunk is drawn from the words alone: every later chunk can copy its
+    # objects' shapes from the context, so a shape word that the first chunk ignores costs the loss little
+    # (the third run's DiT ignored its shape words). 1 leaves the weights as they were.
+    dit_sink_weight: float = 1.0
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
     # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
@@ -158,6 +163,7 @@ class Config:
         obj.setdefault("sigma_uniform", 0.0)
         obj.setdefault("dit_object_weight", 0.0)
         obj.setdefault("dit_outline_weight", 0.0)
+        obj.setdefault("dit_sink_weight", 1.0)
         obj.setdefault("self_context", 0.0)
         obj.setdefault("object_scale", 1.0)
         obj.setdefault("upright", False)
@@ -289,6 +295,15 @@ def latent_object_weight(video: torch.Tensor, weight: float, outline: torch.Tens
     return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
+def sink_weighted(weight: torch.Tensor, sink: int, factor: float) -> torch.Tensor:
+    """Loss weights [B, 1, S, h, w] (or [B, 1, S, 1, 1]) with the first `sink` latent frames times `factor`,
+    scaled back to a mean of 1 per clip."""
+    frames = torch.ones(weight.shape[2], dtype=weight.dtype, device=weight.device)
+    frames[:sink] = factor
+    w = weight * frames.view(1, 1, -1, 1, 1)
+    return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
 class Trainer:
     STAGES = ("codec", "dit", "done")
 
@@ -356,6 +371,9 @@ class Trainer:
         outline = data.outline(specs, times, cfg.size, self.device) if cfg.dit_outline_weight else None
         weight = (latent_object_weight(video, cfg.dit_object_weight, outline, cfg.dit_outline_weight)
                   if cfg.dit_object_weight or cfg.dit_outline_weight else None)
+        if cfg.dit_sink_weight != 1.0:
+            ones = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=self.device)
+            weight = sink_weighted(ones if weight is None else weight, cfg.sink, cfg.dit_sink_weight)
         return latents, [s.caption for s in specs], gap, weight
 
     def _autocast(self):
@@ -750,6 +768,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-outline-weight", type=float, default=None,
                         help="a new run's extra DiT loss weight where the object's shape differs from the average "
                              "shape at its pose (default 0)")
+    parser.add_argument("--dit-sink-weight", type=float, default=None,
+                        help="a new run's DiT loss weight on the first chunk, drawn from the words alone, against a "
+                             "later chunk's (default 1)")
     parser.add_argument("--dit-batch", type=int, default=None,
                         help="a new run's clips per DiT step (default 32; tools/sketch-step-times.py says what a "
                              "GPU takes at no extra time per step)")
@@ -797,6 +818,7 @@ def run(args) -> int:
         for name, ok, what in (("sigma_uniform", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
                                ("self_context", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
                                ("dit_outline_weight", lambda v: 0.0 <= v < float("inf"), "a weight, 0 or more"),
+                               ("dit_sink_weight", lambda v: 0.0 < v < float("inf"), "a weight, more than 0"),
                                ("dit_batch", lambda v: v >= 1, "at least one clip"),
                                ("codec_batch", lambda v: v >= 1, "at least one clip"),
                                ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
