@@ -279,6 +279,79 @@ def test_taehv_uint8_and_reset(taehv):
         decoder.decode(torch.randn(1, 16, 1, 3, 2))
 
 
+def test_taehv_compiled_streams_the_eager_frames(taehv):
+    """The engine compiles the tiny decoder with its own torch.compile backend: chunk by chunk, through a reset
+    and a size change, the compiled decoder's frames are the eager decoder's (its temporal memory, updated in
+    place inside the compiled function, carries across chunks), and it compiles once per chunk shape. The
+    backend here is aot_eager (dynamo's tracing and functionalised in-place updates, as inductor gets them;
+    inductor on the CPU takes a minute to compile): tests/test_gpu.py runs inductor on the GPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    eager, compiled = TAEHVStreamingDecoder(taehv), TAEHVStreamingDecoder(taehv)
+    said = []
+    compiled.compile, compiled.progress = counter, said.append
+    for size in ((2, 3), (2, 3), (3, 2)):
+        latents = torch.randn(1, 16, 7, *size)
+        want, got = stream(eager, latents, [3, 3, 1]), stream(compiled, latents, [3, 3, 1])
+        for a, b in zip(want, got):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert_not_saturated(torch.cat(want, 2))
+    assert counter.frame_count == 4  # chunks of 3 and of 1 latent frames, at each of the two sizes
+    assert said == ["tiny decoder: compiling with torch.compile on its first chunk"]
+
+
+def test_the_engine_compiles_its_tiny_decoder_with_its_own_backend(taehv):
+    """Engine.make_decoder hands the tiny decoder the pass runner's compile backend and the engine's progress:
+    a compiled engine's stream decodes the eager engine's frames; an engine that does not compile leaves the
+    decoder eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from instrument.engine.graphs import PassRunner
+    from instrument.engine.stream import Engine
+
+    frames = {}
+    for compiled in (False, True):
+        engine = Engine.load(None, device="cpu", progress=lambda message: None)
+        engine.use_decoder(TAEHVStreamingDecoder(taehv), "tiny")
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        if compiled:
+            engine.runner = PassRunner(engine.dit, "cpu", compile=True, graphs=False, backend=counter)
+        stream = engine.stream("a red circle moving left over a blue plain background", seed=4, chunk=3)
+        frames[compiled] = torch.cat([stream.next().frames for _ in range(3)]).float()
+        assert engine._decoder.compile is (counter if compiled else None)
+        assert (engine._decoder._compiled is not None) == compiled
+        assert engine._decoder.progress is engine.progress
+        engine.dit.run_block = engine.dit.block
+        torch._dynamo.reset()
+    assert frames[True].shape == frames[False].shape and frames[False].std() > 5
+    assert (frames[True] - frames[False]).abs().max() <= 1
+
+
+def test_taehv_falls_back_to_eager_when_compiling_fails(taehv):
+    """A compiler failure on the first chunk (a missing C compiler, an unsupported op) must not stop the show:
+    a message, then the eager decoder's frames, and no further attempt."""
+    calls = []
+
+    def broken(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no compiler on this machine")
+
+    torch._dynamo.reset()
+    latents = torch.randn(1, 16, 4, 2, 3)
+    decoder, said = TAEHVStreamingDecoder(taehv), []
+    decoder.compile, decoder.progress = broken, said.append
+    got = stream(decoder, latents, [1, 3])
+    want = stream(TAEHVStreamingDecoder(taehv), latents, [1, 3])
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert len(calls) == 1 and decoder.compile is None
+    assert len(said) == 2 and "torch.compile failed" in said[1] and "no compiler on this machine" in said[1]
+
+
 def test_taehv_encoder_matches_reference(taehv):
     frames = torch.rand(1, 3, 7, 16, 24)
     with torch.no_grad():

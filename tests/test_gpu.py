@@ -89,6 +89,27 @@ def test_the_tiny_decoder_replays_its_steady_chunk_from_a_cuda_graph_with_the_sa
         assert graphed.captures == captures
 
 
+def test_the_compiled_tiny_decoder_decodes_the_eager_frames_and_replays_from_a_cuda_graph():
+    """The engine's default on a GPU: TAEHV compiled with inductor, its steady chunk captured as a CUDA graph,
+    against eager decoding; the compile happens on the first chunk, never inside the capture."""
+    from test_decode import lively_taehv
+
+    from instrument.engine.taehv import TAEHVStreamingDecoder
+
+    model = lively_taehv(7).cuda().half()
+    eager, fast = TAEHVStreamingDecoder(model), TAEHVStreamingDecoder(model)
+    fast.graphs, fast.compile = True, "inductor"
+    said = []
+    fast.progress = said.append
+    chunks = [torch.randn(1, 16, 3, 12, 16, device="cuda", dtype=torch.float16) for _ in range(6)]
+    for c in chunks:
+        a, b = eager.decode(c), fast.decode(c)
+        assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 2
+        assert (a == b).float().mean().item() > 0.99 and a.float().std().item() > 5
+    assert fast.compile == "inductor" and fast.captures == 1  # it compiled, and did not fall back
+    assert not any("failed" in m for m in said)
+
+
 def test_sketch_clips_render_alike_and_a_training_step_runs_on_the_gpu(tmp_path):
     """The trainer's GPU path: clips rendered on the device (times made there, uploads without waiting) are
     the CPU's clips, and one codec and one DiT step run with autocast, fused AdamW and deferred losses."""

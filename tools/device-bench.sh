@@ -23,13 +23,11 @@ variant() {
   case " ${VARIANTS:-$name} " in *" $name "*) ;; *) return ;; esac   # VARIANTS="a b": only those
   echo "== $name: $*"
   python3 -m instrument.cli bench --device "$DEVICE" --decoder "$DECODER" --size "$SIZE" --chunk 3 --seconds "$seconds" \
-    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error)|Error|error:" | tail -n 8
+    --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error|tiny decoder)|Error|error:" | tail -n 12
 }
 
-# Round 10: the bends without their extra kernels (one cross-attention call with a logit bias, armed or
-# not; the FFN gain and scale bends as one multiply-add without the NaN guard's pass), against round 9.
+# Round 11: the tiny decoder compiled with torch.compile (inductor), against round 10.
 variant base --profile 2
 variant fp8-w9 --fp8 --window 9 --profile 2
 variant chunk1 --chunk 1
-variant fp8 --fp8
 ls -l "$OUT"

@@ -56,6 +56,7 @@ class PassRunner:
         self.device = torch.device(device)
         self.progress = progress or (lambda m: None)
         self.compile = compile
+        self.backend = backend  # the tiny decoder compiles with it too
         self.graphs = graphs and self.device.type == "cuda"
         self.captured: dict = {}
         self.captures = 0

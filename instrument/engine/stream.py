@@ -185,6 +185,8 @@ class Engine:
         if self.decoder_kind == "tiny":
             self._decoder.reset()
             self._decoder.graphs = self.runner.graphs  # its steady chunk replays from a CUDA graph too
+            self._decoder.compile = self.runner.backend if self.runner.compile else None
+            self._decoder.progress = self.progress
             return self._decoder
         from ..sketch.codec import Codec, SketchStreamingDecoder
         from .vae import WanStreamingDecoder

@@ -120,6 +120,11 @@ def run_with_memory(
     return x
 
 
+def _decode_frames(layers: nn.Sequential, x: torch.Tensor, batch: int, memory: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The decoder's layers over a chunk's frames, clamped to [0, 1]: what the streaming decoder compiles."""
+    return run_with_memory(layers, x, batch, memory).clamp(0, 1)
+
+
 class TAEHV(nn.Module):
     """Tiny video autoencoder for Wan 2.1 latents (published layout: `encoder.N.*`, `decoder.N.*`).
 
@@ -261,6 +266,13 @@ class TAEHVStreamingDecoder:
         self._graph_in: torch.Tensor | None = None
         self._graph_out: torch.Tensor | None = None
         self._warm_key: tuple | None = None  # the size whose first steady chunk ran eagerly, before its capture
+        # The engine sets this with its own torch.compile backend ("inductor" on a GPU): the compiled
+        # decoder fuses each convolution's bias, ReLU and residual add, and inductor keeps the convolutions
+        # in channels-last layout instead of cuDNN converting to NHWC and back around each one. A chunk of
+        # a new size compiles on its first, eager-run call, never inside a CUDA graph's capture.
+        self.compile: str | None = None
+        self.progress = lambda message: None
+        self._compiled = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TAEHVStreamingDecoder:
@@ -330,13 +342,29 @@ class TAEHVStreamingDecoder:
             self._prepare_memory(key)
             self._fresh = False
         x = latents.to(device=device, dtype=dtype).transpose(1, 2).flatten(0, 1)
-        x = run_with_memory(self.model.decoder, x, batch, self._memory).clamp_(0, 1)
+        x = self._run_decoder(x, batch)
         video = x.view(batch, -1, *x.shape[1:])
         if self._to_trim:
             trimmed = min(self._to_trim, video.shape[1])
             video = video[:, trimmed:]
             self._to_trim -= trimmed
         return video.transpose(1, 2)
+
+    def _run_decoder(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.compile and self._compiled is None:
+            self.progress("tiny decoder: compiling with torch.compile on its first chunk")
+            self._compiled = torch.compile(_decode_frames, dynamic=False, backend=self.compile)
+        if not self.compile:
+            return _decode_frames(self.model.decoder, x, batch, self._memory)
+        try:
+            return self._compiled(self.model.decoder, x, batch, self._memory)
+        except Exception as e:  # a compiler failure must not stop the stream: the eager decoder is the same
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            self.progress(f"tiny decoder: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "decoding eagerly from now on")
+            self.compile = None
+            return _decode_frames(self.model.decoder, x, batch, self._memory)
 
     def _prepare_memory(self, key: tuple) -> None:
         """Zero the memory buffers, allocating them only when the stream's size or device changed."""
