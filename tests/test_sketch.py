@@ -629,6 +629,30 @@ def test_the_sink_chunk_can_weigh_more_than_the_window(tmp_path):
     assert Config.from_json(older).dit_sink_weight == 1.0
 
 
+def test_the_codec_report_draws_its_clips_as_the_run_draws_them(tmp_path, monkeypatch):
+    """report_codec (the codec's ceiling, logged after the codec stage) measures clips drawn at the run's
+    object scale and upright setting, not at random angles in an upright run."""
+    from instrument.sketch import evaluate
+
+    drawn = []
+    real = evaluate.held_out_specs
+
+    def spy(count, object_scale=1.0, upright=False):
+        specs = real(count, object_scale, upright)
+        drawn.extend(i.angle for s in specs for i in s.instances)
+        return specs
+
+    monkeypatch.setattr(evaluate, "held_out_specs", spy)
+    cfg = Config.tiny()
+    cfg.object_scale, cfg.upright = 1.5, True
+    r = Trainer(tmp_path, cfg).report_codec(captions=3)
+    assert r["captions"] == 3 and drawn and all(a == 0.0 for a in drawn)
+    drawn.clear()
+    cfg.upright = False
+    Trainer(tmp_path / "again", cfg).report_codec(captions=3)
+    assert any(a != 0.0 for a in drawn)
+
+
 def test_part_of_each_batch_sees_its_own_predictions_as_context(tmp_path):
     """self_context: the first clips of a batch take as clean context the model's x0 prediction from the
     schedule's last sigma (what the engine's context pass caches), computed in float64 here by hand."""

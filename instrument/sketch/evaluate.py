@@ -85,13 +85,13 @@ def _agrees(desc: data.Description, obj: str | None, background: str | None) -> 
 SOURCES = ("stream", "clips", "codec")
 
 
-def _drawing(engine, object_scale: float | None) -> tuple[float, bool]:
+def _drawing(engine, object_scale: float | None, upright: bool | None = None) -> tuple[float, bool]:
     """How the held-out clips draw their objects: as the engine's model was trained (data.sample's
-    object_scale and upright), with `object_scale` instead of its scale where given."""
+    object_scale and upright), with `object_scale` and `upright` instead where given."""
     if engine is None:
-        return (1.0 if object_scale is None else object_scale), False
+        return (1.0 if object_scale is None else object_scale), bool(upright)
     c = engine.components
-    return (c.object_scale if object_scale is None else object_scale), c.upright
+    return (c.object_scale if object_scale is None else object_scale), (c.upright if upright is None else upright)
 
 
 def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int | None = None, codec=None,
@@ -112,19 +112,21 @@ def clip_video(engine, spec: data.ClipSpec, frames: int, source: str, side: int 
 
 
 def prompt_following(engine, captions: int = 100, frames: int = 21, chunk: int = 3, source: str = "stream",
-                     progress=None, codec=None, side: int | None = None, object_scale: float | None = None) -> dict:
+                     progress=None, codec=None, side: int | None = None, object_scale: float | None = None,
+                     upright: bool | None = None) -> dict:
     """Agreement of video with held-out captions (object colour, background colour, both).
 
     source "stream": the engine's stream of each caption; "clips": the procedural clips themselves;
     "codec": the clips encoded and decoded by `codec` (default: the engine's), the ceiling of any DiT
     that decodes through it. `engine` may be None for "clips", and for "codec" when `codec` is given.
-    The clips' objects are drawn at `object_scale` (default: the engine's model's, else 1).
+    The clips' objects are drawn at `object_scale` and `upright` (default: as the engine's model was trained,
+    else 1 and random angles).
     """
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
     rows = []
-    for j, spec in enumerate(held_out_specs(captions, *_drawing(engine, object_scale))):
+    for j, spec in enumerate(held_out_specs(captions, *_drawing(engine, object_scale, upright))):
         video = clip_video(engine, spec, frames, source, side, codec, seed=j, chunk=chunk)
         per_frame = data.dominant_colours(video)
         obj, bg = data.majority(per_frame), data.background_colour_of_clip(video)

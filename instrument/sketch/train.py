@@ -545,7 +545,7 @@ class Trainer:
 
         with self._autocast():
             r = prompt_following(None, captions, frames=self.cfg.codec_frames, source="codec", codec=self.codec,
-                                 side=self.cfg.size, object_scale=self.cfg.object_scale)
+                                 side=self.cfg.size, object_scale=self.cfg.object_scale, upright=self.cfg.upright)
         self.progress(f"the codec keeps the captioned object colour in {r['object_colour']:.0%} and the "
                       f"background colour in {r['background_colour']:.0%} of {captions} held-out clips")
         return r
