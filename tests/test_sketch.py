@@ -653,6 +653,81 @@ def test_the_codec_report_draws_its_clips_as_the_run_draws_them(tmp_path, monkey
     assert any(a != 0.0 for a in drawn)
 
 
+def test_a_twin_clip_differs_only_in_its_first_groups_shape():
+    """data.reshaped: the caption changes the first group's shape noun and nothing else, a rotating group
+    never becomes circles or rings, and the frames differ only where either clip draws the first group."""
+    rng = np.random.default_rng()
+    for seed in rng.integers(0, 2**40, 40):
+        spec = data.sample(int(seed), 2.0, True)
+        twin = data.reshaped(spec, rng)
+        a, b = spec.description, twin.description
+        first, other = a.groups[0], b.groups[0]
+        assert other.shape != first.shape and (other.motion != "rotating" or other.shape not in data.SYMMETRIC)
+        assert dataclasses.replace(other, shape=first.shape) == first and a.groups[1:] == b.groups[1:]
+        assert data.describe(twin.caption) == b
+        words, twin_words = spec.caption.split(), twin.caption.split()
+        assert len(words) == len(twin_words) and sum(x != y for x, y in zip(words, twin_words)) == 1
+        assert [i.shape for i in twin.instances[:first.count]] == [other.shape] * first.count
+        assert [dataclasses.replace(i, shape="circle") for i in twin.instances] == \
+            [dataclasses.replace(i, shape="circle") for i in spec.instances]
+    times = data.clip_times(5, float(rng.uniform(0, 10)))
+    spec = data.sample(int(rng.integers(0, 2**40)), 2.0, True)
+    twin = data.reshaped(spec, rng)
+    without = dataclasses.replace(spec, instances=spec.instances[spec.description.groups[0].count:])
+    clip, twin_clip, rest = (data.render([s], times, 64)[0] for s in (spec, twin, without))
+    differs = (clip != twin_clip).any(0)
+    drawn = (clip != rest).any(0) | (twin_clip != rest).any(0)
+    assert differs.sum() > 20 and not (differs & ~drawn).any()
+
+
+def test_twin_pairs_lead_the_batch_with_the_same_noise_and_sigmas(tmp_path, monkeypatch):
+    """dit_twins: the batch's first clips come in pairs (a clip, then its data.reshaped twin), and each pair is
+    noised with the same noise at the same sigmas, in the loss and in the self-context pass; the other clips
+    are left alone, and with no twins the random draws are those of before (the shipped runs reproduce)."""
+    from instrument.sketch import train
+
+    calls = []
+    real_forward = train.teacher_forcing_forward
+
+    def spy(model, processor, clean, noised, sigmas, text, cfg, gap):
+        calls.append((clean.detach().clone(), noised.detach().clone(), sigmas.detach().clone()))
+        return real_forward(model, processor, clean, noised, sigmas, text, cfg, gap)
+
+    monkeypatch.setattr(train, "teacher_forcing_forward", spy)
+    cfg = Config.tiny()
+    cfg.dit_batch, cfg.self_context, cfg.dit_twins = 8, 0.375, 0.75  # 3 pairs, clips 0-5; own round(3) -> 2
+    trainer = Trainer(tmp_path, cfg)
+    assert trainer.twin_pairs(8) == 3 and trainer.twin_pairs(32) == 12
+    latents, captions, gap, weight = trainer.dit_batch(int(np.random.default_rng().integers(0, 1000)))
+    for k in range(3):
+        first, twin = data.describe(captions[2 * k]), data.describe(captions[2 * k + 1])
+        assert first.groups[0].shape != twin.groups[0].shape
+        assert dataclasses.replace(twin.groups[0], shape=first.groups[0].shape) == first.groups[0]
+    with torch.no_grad():
+        trainer.dit_loss(latents, captions, gap, weight)
+    (own_clean, own_noised, own_sigmas), (_, noised, sigmas) = calls
+    assert own_noised.shape[0] == 2  # the self-context pass covers a whole pair, never half of one
+    for x, sig in ((own_noised, own_sigmas), (noised, sigmas)):
+        scaled_noise = x - (1 - sig.view(sig.shape[0], 1, -1, 1, 1).to(x.dtype)) * latents[:x.shape[0]]
+        for k in range(x.shape[0] // 2 if x is own_noised else 3):
+            torch.testing.assert_close(sig[2 * k + 1], sig[2 * k], rtol=0, atol=0)
+            torch.testing.assert_close(scaled_noise[2 * k + 1], scaled_noise[2 * k], rtol=1e-6, atol=1e-6)
+    scaled_noise = noised - (1 - sigmas.view(8, 1, -1, 1, 1)) * latents
+    assert not torch.allclose(scaled_noise[2], scaled_noise[0]) and not torch.allclose(scaled_noise[7], scaled_noise[6])
+
+    trainer.cfg.dit_twins = 0.0  # no twins: the same draws as the code before twins drew
+    trainer.generator.manual_seed(123)
+    calls.clear()
+    with torch.no_grad():
+        trainer.dit_loss(latents, captions, gap, weight)
+    plain = calls[1][1]
+    trainer.generator.manual_seed(123)
+    sigma = trainer.chunk_sigmas(8, latents.shape[2])
+    want = torch.randn(latents.shape, generator=trainer.generator)
+    s = sigma.view(8, 1, -1, 1, 1)
+    torch.testing.assert_close(plain, (1 - s) * latents + s * want)
+
+
 def test_part_of_each_batch_sees_its_own_predictions_as_context(tmp_path):
     """self_context: the first clips of a batch take as clean context the model's x0 prediction from the
     schedule's last sigma (what the engine's context pass caches), computed in float64 here by hand."""
@@ -728,7 +803,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
                         "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                         "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
-                        "--dit-outline-weight", "2", "--dit-sink-weight", "3"],
+                        "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
@@ -737,7 +812,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["config"]["shift"] == 1.0 and state["config"]["dit_outline_weight"] == 2.0
-    assert state["config"]["dit_sink_weight"] == 3.0
+    assert state["config"]["dit_sink_weight"] == 3.0 and state["config"]["dit_twins"] == 0.5
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -176,6 +176,20 @@ def sample(seed: int, object_scale: float = 1.0, upright: bool = False) -> ClipS
     bg = (float(rng.choice([0.0, 0.25, 0.5, 0.75]) * math.pi), float(rng.uniform(0.08, 0.2)),
           float(rng.integers(0, 2**31 - 1)))
     return ClipSpec(seed, description, tuple(instances), bg)
+
+
+def reshaped(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
+    """The same clip with its first group's objects drawn as another shape, one their motion allows (a rotating
+    group never becomes circles or rings), and the caption saying so; everything else (positions, sizes,
+    angles, colours, motions, background) unchanged. The training's twin pairs: the shape word is all that
+    tells the two clips apart."""
+    group = spec.description.groups[0]
+    shape = str(rng.choice([s for s in SHAPES
+                            if s != group.shape and not (group.motion == "rotating" and s in SYMMETRIC)]))
+    groups = (replace(group, shape=shape), *spec.description.groups[1:])
+    instances = tuple(replace(inst, shape=shape) if j < group.count else inst  # the first group's come first
+                      for j, inst in enumerate(spec.instances))
+    return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
 
 
 # -- captions back to attributes ------------------------------------------------------------------------
