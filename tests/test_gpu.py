@@ -106,8 +106,8 @@ def test_the_compiled_tiny_decoder_decodes_the_eager_frames_and_replays_from_a_c
         a, b = eager.decode(c), fast.decode(c)
         assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 2
         assert (a == b).float().mean().item() > 0.99 and a.float().std().item() > 5
-    assert fast.compile == "inductor" and fast.captures == 1  # it compiled, and did not fall back
-    assert not any("failed" in m for m in said)
+    assert fast._compiled is not None and not fast._compile_failed and fast.captures == 1  # compiled, no fallback
+    assert said == ["tiny decoder: compiling with torch.compile on its first chunk"]
 
 
 def test_sketch_clips_render_alike_and_a_training_step_runs_on_the_gpu(tmp_path):

@@ -50,8 +50,8 @@ def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: fl
 
     fwd = timed(forward, device, steps, 1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return dict(stage="dit", batch=batch, outline_weight=outline_weight, step_ms=round(step, 1), batch_ms=round(data, 1), forward_ms=round(fwd, 1),
-                clips_per_s=round(batch / step * 1000.0, 1), peak_gib=None if peak is None else round(peak, 2))
+    return dict(stage="dit", batch=batch, outline_weight=outline_weight, step_ms=round(step, 1),
+                batch_ms=round(data, 1), forward_ms=round(fwd, 1), clips_per_s=round(batch / step * 1000.0, 1), peak_gib=None if peak is None else round(peak, 2))
 
 
 def codec_row(batch: int, device: str, steps: int, warmup: int) -> dict:

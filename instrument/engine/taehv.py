@@ -266,13 +266,15 @@ class TAEHVStreamingDecoder:
         self._graph_in: torch.Tensor | None = None
         self._graph_out: torch.Tensor | None = None
         self._warm_key: tuple | None = None  # the size whose first steady chunk ran eagerly, before its capture
-        # The engine sets this with its own torch.compile backend ("inductor" on a GPU): the compiled
-        # decoder fuses each convolution's bias, ReLU and residual add, and inductor keeps the convolutions
-        # in channels-last layout instead of cuDNN converting to NHWC and back around each one. A chunk of
-        # a new size compiles on its first, eager-run call, never inside a CUDA graph's capture.
-        self.compile: str | None = None
+        # The engine sets this to its own torch.compile backend ("inductor" on a GPU), which can fuse each
+        # convolution's bias, ReLU and residual add and pick a channels-last layout, where eager cuDNN
+        # converts every convolution's input to NHWC and back. A chunk of a new size compiles on its first,
+        # eager-run call, never inside a CUDA graph's capture.
+        self.compile = None
         self.progress = lambda message: None
         self._compiled = None
+        self._compiled_with = None
+        self._compile_failed = False  # once failed, never tried again: each try would cost the stream time
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TAEHVStreamingDecoder:
@@ -351,11 +353,12 @@ class TAEHVStreamingDecoder:
         return video.transpose(1, 2)
 
     def _run_decoder(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        if self.compile and self._compiled is None:
+        if not self.compile or self._compile_failed:
+            return _decode_frames(self.model.decoder, x, batch, self._memory)
+        if self._compiled is None or self._compiled_with is not self.compile:
             self.progress("tiny decoder: compiling with torch.compile on its first chunk")
             self._compiled = torch.compile(_decode_frames, dynamic=False, backend=self.compile)
-        if not self.compile:
-            return _decode_frames(self.model.decoder, x, batch, self._memory)
+            self._compiled_with = self.compile
         try:
             return self._compiled(self.model.decoder, x, batch, self._memory)
         except Exception as e:  # a compiler failure must not stop the stream: the eager decoder is the same
@@ -363,7 +366,7 @@ class TAEHVStreamingDecoder:
                 raise
             self.progress(f"tiny decoder: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                           "decoding eagerly from now on")
-            self.compile = None
+            self._compile_failed = True
             return _decode_frames(self.model.decoder, x, batch, self._memory)
 
     def _prepare_memory(self, key: tuple) -> None:
