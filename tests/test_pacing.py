@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from instrument.stage.pacing import FrameQueue, Presenter
+from instrument.stage.pacing import FrameQueue, Presenter, queue_capacity
 
 FPS = 16.0
 PERIOD = 1.0 / FPS
@@ -189,6 +189,21 @@ def test_latency_counts_first_frame_of_chunk_only_and_uses_show_time():
     # reading the knobs only once there is room bounds the latency by the compute time plus
     # what is left in the queue: (capacity - chunk) frames at most
     assert p95 <= 0.5 + (24 - 12) * PERIOD + VSYNC
+
+
+def test_one_frame_chunks_queue_two_chunks_so_a_knob_answers_within_them():
+    """1-frame chunks (4 video frames) exist to answer quickly: with a generator faster than the screen, the
+    queue of two chunks (8 frames) bounds knob-to-photon by one chunk's compute time plus one chunk of
+    frames still queued, with no underrun; a 24-frame queue, as play had, held the same knob for 20 frames
+    more."""
+    assert queue_capacity(4) == 8 and queue_capacity(12) == 24
+    compute = 0.13  # s per 1-frame chunk, faster than its 0.25 s of frames at 16 fps
+    shown, p, expected = simulate(compute, 8.0, n=4, capacity=queue_capacity(4), knob_every=1)
+    assert len(expected) > 20 and p.underruns == 0
+    p50, p95 = p.latency()
+    assert p95 <= compute + 4 * PERIOD + VSYNC
+    _, deep, _ = simulate(compute, 8.0, n=4, capacity=24, knob_every=1)
+    assert deep.latency()[0] > p95 + 15 * PERIOD
 
 
 def test_wait_room_blocks_until_a_chunk_fits():

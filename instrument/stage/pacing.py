@@ -3,7 +3,7 @@
 The render thread pushes whole chunks (9-12 frames at a time, in bursts) into a small bounded
 `FrameQueue`; the present loop asks a `Presenter` for the frame to show now. Design choices:
 
-- The queue is small (about two chunks) and a full queue BLOCKS the producer rather than
+- The queue is small (two chunks: `queue_capacity`) and a full queue BLOCKS the producer rather than
   dropping the oldest frames. Dropping would throw away GPU work and make the picture jump;
   blocking keeps generation exactly as far ahead of the screen as the queue is deep, so what a
   knob does reaches the screen within about two chunks.
@@ -36,6 +36,13 @@ import numpy as np
 Clock = Callable[[], float]
 
 DEFAULT_FPS = 16.0  # Wan is trained at 16 fps
+
+
+def queue_capacity(chunk_frames: int) -> int:
+    """Frames the queue holds for chunks of chunk_frames: two chunks, one shown while the next is made. Every
+    frame more is 1/fps more knob-to-photon latency once generation outruns the screen (a floor of 24
+    frames gave 1-frame chunks, made to answer quickly, 1.4 s of it: 24 frames queued at 16 fps)."""
+    return 2 * chunk_frames
 
 
 def as_frames(frames: Any) -> np.ndarray:

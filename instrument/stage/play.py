@@ -319,7 +319,7 @@ class Play:
 
     # -- the present loop -----------------------------------------------------------------
     def run(self) -> int:
-        from .pacing import FrameQueue, Presenter
+        from .pacing import FrameQueue, Presenter, queue_capacity
 
         args = self.args
         if not args.headless:
@@ -336,7 +336,7 @@ class Play:
             if args.record:
                 self.toggle_record()
             room = 4 * self.stream.settings.chunk
-            queue = FrameQueue(capacity=max(24, 2 * room))
+            queue = FrameQueue(capacity=queue_capacity(room))
             pres = Presenter(queue, args.fps, latency_window=1 << 16)
             self.show.presenter = pres
             s = self.stream.settings
