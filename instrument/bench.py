@@ -21,14 +21,10 @@ import time
 
 import torch
 
+from .engine.loading import WAN_CONFIGS
 from .errors import UserError
 from .progress import Progress
 from .render import add_engine_arguments
-
-WAN_CONFIGS = {
-    "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
-    "14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
-}
 
 BENCH_BENDS = """
 name = "bench"
@@ -73,49 +69,16 @@ def configure(p) -> None:
                         "kernel (attention, matmul, compiled elementwise, ...) and the 15 largest")
 
 
-def random_wan(config: str, device, dtype, progress):
-    """Components of a Wan 2.1 T2V model with random weights, built directly on the device."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from .engine.default import build_tokenizer
-    from .engine.loading import Components, cast_keeping_fp32
-
-    progress(f"building Wan2.1 {config} with random weights on {device}")
-    with torch.device(device):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
-            freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **WAN_CONFIGS[config])
-        vae = AutoencoderKLWan()  # the Wan 2.1 VAE configuration
-        tok = build_tokenizer()
-        # The text encoder runs once per prompt, off the hot path: a one-layer stand-in of umT5's width.
-        text = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
-                                           num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0))
-    cast_keeping_fp32(transformer, dtype)
-    text.to(dtype)
-    for m in (transformer, vae, text):
-        m.eval().requires_grad_(False)
-    return Components(transformer, vae, text, tok, 512, f"random Wan2.1 {config}")
-
-
 def build_engine(args, progress):
+    from .engine.loading import RANDOM
     from .engine.stream import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compile_, graphs = not args.no_compile, not args.no_graphs
-    if device == "cpu" or args.model:
-        return Engine.load(model=args.model, checkpoint=args.checkpoint, device=device, decoder=args.decoder,
-                           tiny_decoder=args.tiny_decoder, progress=progress,
-                           compile=compile_ and device != "cpu", graphs=graphs and device != "cpu", fp8=args.fp8)
-    dtype = torch.bfloat16
-    comps = random_wan(args.config, device, dtype, progress)
-    engine = Engine(comps, device, dtype, "wan", None, progress, compile=compile_, graphs=graphs, fp8=args.fp8)
-    if args.decoder == "tiny":
-        from .engine.taehv import TAEHV, TAEHVStreamingDecoder
-
-        model = TAEHV.from_file(args.tiny_decoder) if args.tiny_decoder else TAEHV()
-        engine.use_decoder(TAEHVStreamingDecoder(model.to(device=device, dtype=torch.float16).eval()), "tiny")
-    return engine
+    compile_, graphs = not args.no_compile and device != "cpu", not args.no_graphs and device != "cpu"
+    model = args.model or (None if device == "cpu" else RANDOM + args.config)
+    return Engine.load(model=model, checkpoint=args.checkpoint, device=device, decoder=args.decoder,
+                       tiny_decoder=args.tiny_decoder, progress=progress, compile=compile_, graphs=graphs,
+                       fp8=args.fp8)
 
 
 class KnobPlayer:

@@ -24,7 +24,8 @@ def prompt_and_seed(args, engine) -> tuple[str, int]:
 
 def add_engine_arguments(p) -> None:
     """Arguments every command that builds an engine shares (render, play, bench)."""
-    p.add_argument("--model", metavar="DIR", help="diffusers-format Wan 2.1 T2V folder (default: the embedded model)")
+    p.add_argument("--model", metavar="DIR", help="diffusers-format Wan 2.1 T2V folder (default: the embedded model); "
+                   "random:1.3b or random:14b: that configuration with random weights (noise pictures, real speed)")
     p.add_argument("--checkpoint", metavar="FILE", help="causal generator checkpoint (Self-Forcing, CausVid, LongLive)")
     p.add_argument("--decoder", choices=("wan", "tiny"), default="wan", help="frame decoder (default wan)")
     p.add_argument("--tiny-decoder", metavar="FILE", help="TAEHV weights for --decoder tiny (taew2_1.pth)")

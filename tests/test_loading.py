@@ -144,3 +144,28 @@ def test_bad_paths_and_files_give_one_clear_line(tmp_path, default_folder):
                    "evil.pt", "not a readable checkpoint")
     one_clear_line(run_cli("render", "--out", out, "--frames", "1", "--size", "100x64"), "--size", "multiples")
     one_clear_line(run_cli("render", "--out", str(tmp_path / "no" / "x.mp4"), "--frames", "1"), "does not exist")
+
+
+def test_a_random_model_streams_its_configuration_with_either_decoder(monkeypatch):
+    """--model random:CONFIG: Wan's real configuration with random weights (here its 1.3B entry shrunk to two
+    layers, so the test stays small): the DiT has the configured shape, the text encoder umT5's width, the
+    decoders are the Wan VAE and, without a TAEHV file, a random TAEHV; the stream runs and makes frames."""
+    from instrument.engine import loading
+    from instrument.engine.stream import Engine
+    from instrument.errors import UserError
+
+    monkeypatch.setitem(loading.WAN_CONFIGS, "1.3b", dict(num_attention_heads=2, ffn_dim=64, num_layers=2))
+    said = []
+    for decoder in ("wan", "tiny"):
+        engine = Engine.load("random:1.3b", device="cpu", decoder=decoder, progress=said.append)
+        t = engine.components.transformer
+        assert engine.components.source == "random Wan2.1 1.3b" and len(t.blocks) == 2
+        assert t.config.num_attention_heads * t.config.attention_head_dim == 256 and t.config.text_dim == 4096
+        stream = engine.stream("a red circle", seed=1, size=(64, 48), chunk=1)
+        frames = [stream.next().frames for _ in range(2)]
+        assert frames[0].shape == (1, 48, 64, 3) and frames[1].shape == (4, 48, 64, 3)
+        assert engine.default_size == (832, 480)
+    assert "building Wan2.1 1.3b with random weights on cpu" in said
+    assert "tiny decoder: TAEHV with random weights" in said
+    with pytest.raises(UserError, match=r"--model random:7b: expected random:1\.3b or random:14b"):
+        Engine.load("random:7b", device="cpu", progress=said.append)

@@ -1,11 +1,13 @@
 """Knob-to-photon latency of `instrument play`, measured through its real OSC port and its --stats report.
 
-    python tools/play-latency.py --chunk 1 --seconds 25 [-- more play options, e.g. --device cuda --fp8]
+    python tools/play-latency.py --chunk 1 --seconds 25 [--settle 60] [-- more play options, e.g. --fp8]
 
 Starts `instrument play --headless` (frames paced at the playback rate, no window), sends `/prompt/blend`
 to random values at random intervals of 0.2-0.6 s over OSC while it plays, and prints play's summary line
 and the latency it measured (from a control message's arrival to the first frame computed with it being
-handed to the screen), with the generated and shown frame rates. Headless, the frame is "shown" when the
+handed to the screen), with the generated and shown frame rates. On a GPU the first chunks compile and
+capture their graphs while play already plays: --settle leaves the knobs still that long first, so that
+warm-up is not counted as latency. Headless, the frame is "shown" when the
 presenter hands it out; a window adds one buffer swap.
 """
 
@@ -28,12 +30,13 @@ from pythonosc.udp_client import SimpleUDPClient
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk", default="3", choices=("1", "3"))
-    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--seconds", type=float, default=25.0, help="seconds of knob moves")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds of play before the first move")
     parser.add_argument("--json", default=None, help="write play's --stats report here too")
     parser.add_argument("play_args", nargs="*", help="more `instrument play` options (after --)")
     args = parser.parse_args(argv)
     stats = Path(args.json or tempfile.mkstemp(suffix=".json")[1])
-    cmd = [sys.executable, "-m", "instrument.cli", "play", "--headless", "--duration", f"{args.seconds:g}",
+    cmd = [sys.executable, "-m", "instrument.cli", "play", "--headless", "--duration", f"{args.settle + args.seconds:g}",
            "--chunk", args.chunk, "--osc-port", "0", "--oscquery-port", "0", "--no-midi", "--stats", str(stats),
            *args.play_args]
     play = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
     osc = SimpleUDPClient("127.0.0.1", port)
 
     def move():
+        time.sleep(args.settle)
         end = time.monotonic() + args.seconds - 3  # stop before the end: the last moves must reach the screen
         while time.monotonic() < end and play.poll() is None:
             osc.send_message("/prompt/blend", random.random())

@@ -1,4 +1,5 @@
-"""Loading real Wan weights: a diffusers-format folder, and a causal generator checkpoint on top of it.
+"""Loading real Wan weights: a diffusers-format folder, and a causal generator checkpoint on top of it; or the
+real Wan configurations with random weights (`random:1.3b`), for measuring speed before the weights are at hand.
 
 Only safetensors or `torch.load(weights_only=True)`: a checkpoint is data, never code. Every way a path
 can be wrong ends in one `UserError` that names the path and what was expected.
@@ -19,6 +20,11 @@ from . import default
 FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer")  # and vae/ (Wan) or codec/ (the sketch model)
 CHECKPOINT_NESTS = ("generator_ema", "generator", "model", "state_dict")
 WAN_TEXT_LEN = 512
+RANDOM = "random:"  # --model random:1.3b: the real configuration with random weights (noise pictures, real speed)
+WAN_CONFIGS = {  # the DiT's size; everything else is common to Wan 2.1 T2V
+    "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
 
 
 @dataclass
@@ -42,6 +48,8 @@ def load_components(model: str | None, checkpoint: str | None, device, dtype, pr
         progress("loading the embedded sketch model (trained, shipped in the package)")
         comps = _load_folder(trained, dtype, progress)
         comps.source = "embedded sketch model"
+    elif model is not None and model.startswith(RANDOM):
+        comps = random_components(model[len(RANDOM):], device, dtype, progress)
     elif model is None:
         progress("building the embedded default model (small Wan, seeded weights: it does not follow prompts)")
         transformer, vae, text_encoder, tokenizer = default.build_components()
@@ -58,6 +66,30 @@ def load_components(model: str | None, checkpoint: str | None, device, dtype, pr
     for m in (comps.transformer, comps.vae, comps.text_encoder):
         m.eval().requires_grad_(False)
     return comps
+
+
+def random_components(config: str, device, dtype, progress) -> Components:
+    """A Wan 2.1 T2V model of a real configuration (WAN_CONFIGS) with random weights, built directly on the
+    device: its speed is the real model's (speed does not depend on weight values), its pictures are noise."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if config not in WAN_CONFIGS:
+        raise UserError(f"--model {RANDOM}{config}: expected "
+                        + " or ".join(f"{RANDOM}{c}" for c in WAN_CONFIGS) + " (random weights of that configuration)")
+    progress(f"building Wan2.1 {config} with random weights on {device}")
+    with torch.device(device):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+            freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **WAN_CONFIGS[config])
+        vae = AutoencoderKLWan()  # the Wan 2.1 VAE configuration
+        tok = default.build_tokenizer()
+        # The text encoder runs once per prompt, off the hot path: a one-layer stand-in of umT5's width.
+        text = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                           num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0))
+    cast_keeping_fp32(transformer, dtype)
+    text.to(dtype)
+    return Components(transformer, vae, text, tok, WAN_TEXT_LEN, f"random Wan2.1 {config}")
 
 
 def cast_keeping_fp32(model, dtype):

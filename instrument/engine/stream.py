@@ -155,9 +155,14 @@ class Engine:
         return engine
 
     def _load_tiny(self, path):
+        from .taehv import TAEHV, TAEHVStreamingDecoder
+
+        if path is None and self.components.source.startswith("random "):  # a random model decodes alike
+            self.progress("tiny decoder: TAEHV with random weights")
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            return TAEHVStreamingDecoder(TAEHV().to(device=self.device, dtype=dtype).eval())
         if path is None:
             raise UserError("--decoder tiny needs --tiny-decoder FILE (taew2_1.pth from madebyollin/taehv)")
-        from .taehv import TAEHVStreamingDecoder
 
         decoder = TAEHVStreamingDecoder.from_file(path)
         decoder.model.to(self.device)
