@@ -26,8 +26,18 @@ variant() {
     --json "$OUT/$name.json" "$@" 2>&1 | grep -E "^\[.*(phase|bend overhead|FP8|profile:|error|tiny decoder)|Error|error:" | tail -n 12
 }
 
-# Round 11: the tiny decoder compiled with torch.compile (inductor), against round 10.
+# Round 11: the tiny decoder compiled with torch.compile (inductor), against round 10. First the GPU tests
+# (TESTS=0 skips them: the compiled decoder against eager, among others), last play's knob-to-photon latency
+# with 1-frame chunks on the random 1.3B model (LATENCY=0 skips it; ~90 s: 60 s of warm-up left alone).
+if [ "${TESTS:-1}" = 1 ] && [ "$DEVICE" = cuda ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
+fi
 variant base --profile 2
 variant fp8-w9 --fp8 --window 9 --profile 2
 variant chunk1 --chunk 1
+if [ "${LATENCY:-1}" = 1 ] && [ "$DEVICE" = cuda ]; then
+  echo "== play latency: --chunk 1 --fp8 --window 9, random 1.3B"
+  python3 tools/play-latency.py --chunk 1 --settle 60 --seconds 25 --json "$OUT/play-latency-chunk1.json" -- \
+    --device cuda --model random:1.3b --decoder tiny --fp8 --window 9 --size "$SIZE" 2>&1 | tail -n 2
+fi
 ls -l "$OUT"
