@@ -232,6 +232,27 @@ def test_taehv_loads_saved_weights(tmp_path, taehv, suffix):
     assert torch.equal(streaming.decode_float(latents), TAEHVStreamingDecoder(taehv).decode_float(latents))
 
 
+def test_the_engine_decodes_with_the_taehv_file_it_is_given(tmp_path, taehv):
+    """--decoder tiny --tiny-decoder FILE through Engine.load: the file's weights, in float32 on the CPU (half
+    precision on a GPU, tests/test_gpu.py), decoding the stream's latents as the same TAEHV does directly."""
+    from safetensors.torch import save_file
+
+    from instrument.engine.stream import Engine
+
+    path = tmp_path / "taew2_1.safetensors"
+    save_file({k: v.clone() for k, v in taehv.state_dict().items()}, str(path))
+    engine = Engine.load(None, device="cpu", decoder="tiny", tiny_decoder=str(path), progress=lambda m: None)
+    decoder = engine.make_decoder()
+    assert decoder.dtype == torch.float32
+    for key, value in decoder.model.state_dict().items():
+        assert torch.equal(value, taehv.state_dict()[key]), key
+    chunk = engine.stream("a red circle moving left over a blue plain background", seed=2, chunk=3).next()
+    direct = TAEHVStreamingDecoder(taehv)
+    assert torch.equal(chunk.frames.cpu(), direct.decode(chunk.latents))
+    with pytest.raises(UserError, match="--tiny-decoder FILE"):
+        Engine.load(None, device="cpu", decoder="tiny", progress=lambda m: None)
+
+
 def test_taehv_decoder_only_file(tmp_path, taehv):
     path = tmp_path / "decoder_only.pth"
     torch.save({k: v for k, v in taehv.state_dict().items() if k.startswith("decoder.")}, path)

@@ -89,6 +89,14 @@ def test_the_tiny_decoder_replays_its_steady_chunk_from_a_cuda_graph_with_the_sa
         assert graphed.captures == captures
 
 
+def test_a_random_model_on_the_gpu_decodes_with_a_half_precision_tiny_decoder():
+    """--model random:1.3b --decoder tiny on a GPU: a TAEHV of random weights in float16, as a TAEHV file gets."""
+    engine = Engine.load("random:1.3b", device="cuda", decoder="tiny", compile=False, graphs=False)
+    assert engine.make_decoder().dtype == torch.float16
+    frames = engine.stream("a red circle", seed=1, size=(832, 480), chunk=1).next().frames
+    assert frames.shape == (1, 480, 832, 3)
+
+
 def test_the_compiled_tiny_decoder_decodes_the_eager_frames_and_replays_from_a_cuda_graph():
     """The engine's default on a GPU: TAEHV compiled with inductor, its steady chunk captured as a CUDA graph,
     against eager decoding; the compile happens on the first chunk, never inside the capture."""

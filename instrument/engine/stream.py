@@ -159,14 +159,14 @@ class Engine:
 
         if path is None and self.components.source.startswith("random "):  # a random model decodes alike
             self.progress("tiny decoder: TAEHV with random weights")
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            return TAEHVStreamingDecoder(TAEHV().to(device=self.device, dtype=dtype).eval())
-        if path is None:
+            model = TAEHV().eval()
+        elif path is None:
             raise UserError("--decoder tiny needs --tiny-decoder FILE (taew2_1.pth from madebyollin/taehv)")
-
-        decoder = TAEHVStreamingDecoder.from_file(path)
-        decoder.model.to(self.device)
-        return decoder
+        else:
+            model = TAEHV.from_file(path)
+        # half precision on a GPU, as TAEHV is published and as every bench round measured it
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        return TAEHVStreamingDecoder(model.to(device=self.device, dtype=dtype))
 
     def use_decoder(self, decoder, kind: str = "tiny") -> None:
         """Decode with an already built streaming decoder (bench: a TAEHV of random weights)."""
