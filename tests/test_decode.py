@@ -324,7 +324,7 @@ def test_taehv_compiled_streams_the_eager_frames(taehv):
     assert said == ["tiny decoder: compiling with torch.compile on its first chunk"]
 
 
-def test_the_engine_compiles_its_tiny_decoder_with_its_own_backend(taehv):
+def test_the_engine_compiles_its_tiny_decoder_with_its_own_backend(tmp_path, taehv):
     """Engine.make_decoder hands the tiny decoder the pass runner's compile backend and the engine's progress:
     a compiled engine's stream decodes the eager engine's frames; an engine that does not compile leaves the
     decoder eager."""
@@ -333,10 +333,13 @@ def test_the_engine_compiles_its_tiny_decoder_with_its_own_backend(taehv):
     from instrument.engine.graphs import PassRunner
     from instrument.engine.stream import Engine
 
+    from safetensors.torch import save_file
+
+    path = tmp_path / "taew2_1.safetensors"
+    save_file({k: v.clone() for k, v in taehv.state_dict().items()}, str(path))
     frames = {}
     for compiled in (False, True):
-        engine = Engine.load(None, device="cpu", progress=lambda message: None)
-        engine.use_decoder(TAEHVStreamingDecoder(taehv), "tiny")
+        engine = Engine.load(None, device="cpu", decoder="tiny", tiny_decoder=str(path), progress=lambda m: None)
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("aot_eager")
         if compiled:

@@ -39,6 +39,7 @@ class Components:
     sampling: dict | None = None  # {"shift", "sampler", "schedule"}: how the model was trained to be sampled
     object_scale: float = 1.0  # a sketch model's: its training clips' object sizes (data.sample)
     upright: bool = False  # and whether they start at angle 0
+    random_weights: bool = False  # --model random:CONFIG: then --decoder tiny needs no file either
 
 
 def load_components(model: str | None, checkpoint: str | None, device, dtype, progress=None) -> Components:
@@ -89,7 +90,7 @@ def random_components(config: str, device, dtype, progress) -> Components:
                                            num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0))
     cast_keeping_fp32(transformer, dtype)
     text.to(dtype)
-    return Components(transformer, vae, text, tok, WAN_TEXT_LEN, f"random Wan2.1 {config}")
+    return Components(transformer, vae, text, tok, WAN_TEXT_LEN, f"random Wan2.1 {config}", random_weights=True)
 
 
 def cast_keeping_fp32(model, dtype):

@@ -157,7 +157,7 @@ class Engine:
     def _load_tiny(self, path):
         from .taehv import TAEHV, TAEHVStreamingDecoder
 
-        if path is None and self.components.source.startswith("random "):  # a random model decodes alike
+        if path is None and self.components.random_weights:  # a random model decodes alike
             self.progress("tiny decoder: TAEHV with random weights")
             model = TAEHV().eval()
         elif path is None:
@@ -167,10 +167,6 @@ class Engine:
         # half precision on a GPU, as TAEHV is published and as every bench round measured it
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         return TAEHVStreamingDecoder(model.to(device=self.device, dtype=dtype))
-
-    def use_decoder(self, decoder, kind: str = "tiny") -> None:
-        """Decode with an already built streaming decoder (bench: a TAEHV of random weights)."""
-        self._decoder, self.decoder_kind = decoder, kind
 
     @property
     def captures(self) -> int:

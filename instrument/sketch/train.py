@@ -433,15 +433,15 @@ class Trainer:
         """The clean context of a step: the first round(self_context x B) clips get the model's own x0
         prediction from the schedule's last sigma (each chunk predicted with the real earlier chunks as its
         context, no gradient), the rest their real latents. A fixed count keeps shapes static (no host sync)."""
-        own = round(self.cfg.self_context * latents.shape[0])
-        if own < 2 * self.twin_pairs(latents.shape[0]):
+        own, pairs = round(self.cfg.self_context * latents.shape[0]), self.twin_pairs(latents.shape[0])
+        if own < 2 * pairs:
             own -= own % 2  # both clips of a twin pair, or neither
         if own == 0:
             return latents
         real = latents[:own]
         s = self.sigmas[-1]
         noise = torch.randn(real.shape, generator=self.generator, device=self.device, dtype=real.dtype)
-        noise = self._twinned(noise, self.twin_pairs(latents.shape[0]))
+        noise = self._twinned(noise, pairs)
         noised = (1 - s) * real + s * noise
         with torch.no_grad():
             v = teacher_forcing_forward(self.transformer, self.processor, real, noised,
