@@ -129,13 +129,7 @@ def run_phase(engine, args, bent: bool, progress) -> dict:
     stream.sync_timing = True  # (an overlapped stream splits DiT from decode time with CUDA events instead)
     names = [s.name for s in engine.params.specs("bend/")]
     t_warm = time.perf_counter()
-    warm_chunks = 0
-    while not stream.cache.full or warm_chunks < 2 + (stream.settings.sink + stream.settings.window) // args.chunk:
-        c = stream.next()
-        warm_chunks += 1
-        progress(f"  warm-up chunk {warm_chunks} ({c.timings['chunk_s'] * 1000:.0f} ms)")
-        if warm_chunks > 64:
-            break
+    warm_chunks = stream.warm_up(progress)
     warm_s = time.perf_counter() - t_warm
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -126,7 +126,8 @@ def test_play_headless_over_osc(patch_dir, tmp_path):
     stats, take = tmp_path / "stats.json", tmp_path / "take.mp4"
     play = Played(["--headless", "--duration", "7", "--size", "64x64", "--patches", str(patch_dir),
                    "--osc-port", "0", "--oscquery-port", "0", "--no-midi", "--stats", str(stats),
-                   "--record", str(take), "--osc-feedback", f"127.0.0.1:{feedback.getsockname()[1]}"])
+                   "--record", str(take), "--osc-feedback", f"127.0.0.1:{feedback.getsockname()[1]}",
+                   "--warm-up", "on"])  # on a GPU by default; here it must not disturb anything after it
     try:
         port = int(play.wait_for(r"OSC listening on 127\.0\.0\.1:(\d+)")[1])
         play.wait_for(r"playing 64x64 at 16 fps for 7 s \(headless\)")
@@ -168,6 +169,8 @@ def test_play_headless_over_osc(patch_dir, tmp_path):
                      r"p95 \d+ ms", out), out
     s = json.loads(stats.read_text())
     assert s["patch"] == "two > one" and s["seed"] == 2
+    assert s["warmup_chunks"] >= 2 and s["warmup_s"] > 0
+    assert any(re.search(r"warm in [\d.]+ s \(\d+ chunks\); starting over from frame 0", line) for line in play.log)
     # at patch/morph 1: exactly patch one's bend, two's own bend faded out, prompt B = one's prompt
     assert s["prompts"] == ["two green squares spinning", "a red circle moving over a blue background"]
     assert s["params"]["patch/morph"] == 1.0 and s["params"]["prompt/blend"] == 1.0

@@ -300,6 +300,21 @@ class Stream:
         self._launched = None
         self._emitted_at = None
 
+    def warm_up(self, progress=None, limit: int = 64) -> int:
+        """Stream until the steady chunk has compiled, been captured and replayed: the KV cache full, then two
+        chunks more (the first captures, the second replays). Returns the chunks it took. The chunks advance the
+        stream; `reset` after it to start the show from frame 0 with nothing left to compile."""
+        chunks = 0
+        steady_after = (self.settings.sink + self.settings.window) // self.settings.chunk
+        while not self.cache.full or chunks < 2 + steady_after:
+            c = self.next()
+            chunks += 1
+            if progress is not None:
+                progress(f"  warm-up chunk {chunks} of about {2 + steady_after} ({c.timings['chunk_s'] * 1000:.0f} ms)")
+            if chunks >= limit:
+                break
+        return chunks
+
     def set_prompt(self, text: str, slot: int = 0) -> EncodedPrompt:
         """Prompt A (slot 0) or B (slot 1). Changing A re-encodes the cached window with the new prompt."""
         encoded = self.engine.text.encode(text)

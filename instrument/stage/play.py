@@ -49,6 +49,9 @@ def configure(p) -> None:
     p.add_argument("--headless", action="store_true", help="no window: frames are paced, counted and recorded")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of playing")
     p.add_argument("--stats", metavar="FILE", help="write a JSON summary at the end")
+    p.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                   help="stream until the compiled, graph-captured chunk runs before the show starts, then start "
+                        "over from frame 0 (auto: when the engine compiles, i.e. on a GPU)")
     p.add_argument("--osc-host", default="127.0.0.1", help="address OSC listens on (0.0.0.0: every network)")
     p.add_argument("--osc-port", type=int, default=9000, help="UDP port for OSC in (default 9000)")
     p.add_argument("--osc-feedback", metavar="HOST:PORT", type=_host_port,
@@ -159,6 +162,8 @@ class Play:
         self.chunk_warnings = 0
         self.first_shown: float | None = None
         self.latest_probe = None
+        self.warmup_s: float | None = None  # None: no warm-up before the show
+        self.warmup_chunks = 0
 
     # -- set up ---------------------------------------------------------------------------
     def _open_window(self) -> None:
@@ -220,6 +225,21 @@ class Play:
         else:
             show.load_control(None)
         self.engine, self.stream, self.show, self.hud, self.router = engine, stream, show, hud, router
+        self._warm_up(progress)
+
+    def _warm_up(self, progress) -> None:
+        """Compiling and capturing take tens of seconds on the first chunks; done live, the audience would watch
+        a frozen frame. So play streams until the steady chunk replays, before the first frame is due, and starts
+        over: the show begins at frame 0 with the same seed and nothing left to compile."""
+        runner = self.engine.runner
+        if self.args.warm_up == "off" or (self.args.warm_up == "auto" and not (runner.compile or runner.graphs)):
+            return
+        progress("warming up: compiling and capturing the steady chunk before the show starts")
+        t0 = time.monotonic()
+        self.warmup_chunks = self.stream.warm_up(progress)
+        self.stream.reset()
+        self.warmup_s = time.monotonic() - t0
+        progress(f"warm in {self.warmup_s:.1f} s ({self.warmup_chunks} chunks); starting over from frame 0")
 
     def _start_control(self, progress) -> None:
         args, show, router = self.args, self.show, self.router
@@ -427,6 +447,8 @@ class Play:
         show = self.show
         summary = {
             "seconds": round(played, 3),
+            "warmup_s": None if self.warmup_s is None else round(self.warmup_s, 1),
+            "warmup_chunks": self.warmup_chunks,
             "chunks": self.chunks,
             "frames_generated": self.frames_generated,
             "frames_shown": pres.shown,
