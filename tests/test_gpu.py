@@ -39,20 +39,27 @@ def test_compiled_graphs_match_eager_and_never_recapture_while_knobs_move():
 
 
 def test_fp8_graphs_stay_near_bf16_and_never_recapture_while_knobs_move():
+    """Two claims, each against its own reference. FP8 against bf16 on the first chunk only: a stream feeds its
+    own output back through the KV cache, so later chunks drift apart however small one pass's error is (the
+    sketch model: 8% on the first chunk, up to 38% by the fifth, H200). And the compiled, graph-captured FP8
+    stream against the eager FP8 stream, chunk by chunk while the knobs move: that is what capture must keep."""
     from instrument.engine import fp8
 
     ok, why = fp8.supported("cuda")
     if not ok:
         pytest.skip(why)
-    ref_engine = Engine.load(device="cuda", compile=False, graphs=False)
+    bf16 = Engine.load(device="cuda", compile=False, graphs=False)
+    eager = Engine.load(device="cuda", compile=False, graphs=False, fp8=True)
     fast = Engine.load(device="cuda", compile=True, graphs=True, fp8=True)
-    for e in (ref_engine, fast):
+    for e in (bf16, eager, fast):
         apply_patch(e, parse_patch(BENCH_BENDS, dims=e.dims))
-    ref, _ = stream_latents(ref_engine, 9, sweep)
+    (first,), _ = stream_latents(bf16, 1, sweep)
+    ref, _ = stream_latents(eager, 9, sweep)
     got, _ = stream_latents(fast, 9, sweep)
+    assert 0 < ((ref[0] - first).norm() / first.norm()).item() < 0.15
     assert fast.runner.captures == 1
     for a, b in zip(ref, got):
-        assert ((b - a).norm() / a.norm()).item() < 0.15
+        assert b.isfinite().all() and ((b - a).norm() / a.norm()).item() < 0.08
 
 
 def test_overlapped_decode_gives_the_same_frames():
@@ -99,21 +106,27 @@ def test_a_random_model_on_the_gpu_decodes_with_a_half_precision_tiny_decoder():
 
 def test_the_compiled_tiny_decoder_decodes_the_eager_frames_and_replays_from_a_cuda_graph():
     """The engine's default on a GPU: TAEHV compiled with inductor, its steady chunk captured as a CUDA graph,
-    against eager decoding; the compile happens on the first chunk, never inside the capture."""
+    against the same decoder in float32; the compile happens on the first chunk, never inside the capture.
+    Inductor fuses half-precision ops and rounds once where eager rounds after each, so compiled and eager
+    half precision differ by one level in ~5% of the values (H200); the test holds the compiled decoder
+    to eager half precision's own distance from float32."""
     from test_decode import lively_taehv
 
     from instrument.engine.taehv import TAEHVStreamingDecoder
 
-    model = lively_taehv(7).cuda().half()
-    eager, fast = TAEHVStreamingDecoder(model), TAEHVStreamingDecoder(model)
+    half = lively_taehv(7).cuda().half()
+    exact, eager, fast = (TAEHVStreamingDecoder(lively_taehv(7).cuda()), TAEHVStreamingDecoder(half),
+                          TAEHVStreamingDecoder(half))
     fast.graphs, fast.compile = True, "inductor"
     said = []
     fast.progress = said.append
     chunks = [torch.randn(1, 16, 3, 12, 16, device="cuda", dtype=torch.float16) for _ in range(6)]
+    off = lambda x, y: (x.int() - y.int()).abs()  # noqa: E731
     for c in chunks:
-        a, b = eager.decode(c), fast.decode(c)
-        assert a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 2
-        assert (a == b).float().mean().item() > 0.99 and a.float().std().item() > 5
+        ref, a, b = exact.decode(c.float()), eager.decode(c), fast.decode(c)
+        assert ref.shape == a.shape == b.shape and ref.float().std().item() > 5
+        assert off(b, ref).max().item() <= 2 and off(b, a).max().item() <= 2
+        assert off(b, ref).float().mean().item() <= 1.25 * off(a, ref).float().mean().item() + 1e-3
     assert fast._compiled is not None and not fast._compile_failed and fast.captures == 1  # compiled, no fallback
     assert said == ["tiny decoder: compiling with torch.compile on its first chunk"]
 

@@ -170,7 +170,7 @@ def test_play_headless_over_osc(patch_dir, tmp_path):
     s = json.loads(stats.read_text())
     assert s["patch"] == "two > one" and s["seed"] == 2
     assert s["warmup_chunks"] >= 2 and s["warmup_s"] > 0
-    assert any(re.search(r"warm in [\d.]+ s \(\d+ chunks\); starting over from frame 0", line) for line in play.log)
+    assert any(re.search(r"warm in [\d.]+ s; the show plays on from chunk \d+", line) for line in play.log)
     # at patch/morph 1: exactly patch one's bend, two's own bend faded out, prompt B = one's prompt
     assert s["prompts"] == ["two green squares spinning", "a red circle moving over a blue background"]
     assert s["params"]["patch/morph"] == 1.0 and s["params"]["prompt/blend"] == 1.0
