@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from instrument.stage.pacing import FrameQueue, Presenter, queue_capacity
+from instrument.stage.pacing import FrameQueue, LeadTime, Presenter, queue_capacity
 
 FPS = 16.0
 PERIOD = 1.0 / FPS
@@ -29,16 +29,18 @@ def chunk(first: int, n: int = 12, h: int = 4, w: int = 6) -> np.ndarray:
     return np.stack([np.full((h, w, 3), (first + i) % 256, np.uint8) for i in range(n)])
 
 
-def simulate(gen_seconds_per_chunk: float, seconds: float, *, n: int = 12, capacity: int = 24,
-             knob_every: int | None = None):
+def simulate(gen_seconds_per_chunk, seconds: float, *, n: int = 12, capacity: int = 24,
+             knob_every: int | None = None, lead: LeadTime | None = None):
     """A render loop (wait for room, read the knobs, generate for gen_seconds_per_chunk, put)
-    and a vsync-driven present loop, on one fake clock.
+    and a vsync-driven present loop, on one fake clock. gen_seconds_per_chunk: seconds, or a function of the
+    chunk number. lead: start each chunk just in time, as play does by default.
 
     Returns (shown [(time, frame number)], presenter, expected latencies [shown - knob time]).
     """
     clock = FakeClock()
     q = FrameQueue(capacity, clock=clock)
     p = Presenter(q, FPS, clock=clock)
+    compute = gen_seconds_per_chunk if callable(gen_seconds_per_chunk) else lambda _: gen_seconds_per_chunk
     t_end = clock.t + seconds
     generating_since = None
     produced = 0
@@ -47,9 +49,13 @@ def simulate(gen_seconds_per_chunk: float, seconds: float, *, n: int = 12, capac
     expected_latency = []
     knob_of_frame = {}
     while clock.t < t_end:
-        if generating_since is None and q.wait_room(n, timeout=0):
+        early = lead is not None and lead.seconds() is not None and p.seconds_ahead() > lead.seconds()
+        if generating_since is None and not early and q.wait_room(n, timeout=0):
             generating_since = clock.t  # controls are read now
-        if generating_since is not None and clock.t >= generating_since + gen_seconds_per_chunk:
+            underruns = p.underruns
+        if generating_since is not None and clock.t >= generating_since + compute(chunks):
+            if lead is not None:
+                lead.record(clock.t - generating_since, underran=p.underruns > underruns)
             computed_with = None
             if knob_every and chunks % knob_every == 0:
                 computed_with = generating_since  # a knob moved just as this chunk began
@@ -204,6 +210,55 @@ def test_one_frame_chunks_queue_two_chunks_so_a_knob_answers_within_them():
     assert p95 <= compute + 4 * PERIOD + VSYNC
     _, deep, _ = simulate(compute, 8.0, n=4, capacity=24, knob_every=1)
     assert deep.latency()[0] > p95 + 15 * PERIOD
+
+
+@pytest.mark.parametrize("n, compute", [(12, 0.30), (4, 0.13)], ids=["3-frame chunks", "1-frame chunks"])
+def test_just_in_time_chunks_answer_a_knob_sooner_without_underruns(n, compute):
+    """Play's default pacing: a chunk starts when the frames left to show last its compute time with a margin,
+    not as soon as the queue has room. With the H200's chunk times (0.30 s for 12 frames, 0.13 s for 4) the
+    knob reaches the screen sooner (3-frame chunks: by most of the queued chunk's 0.75 s), and the screen
+    never runs dry."""
+    capacity = queue_capacity(n)
+    _, full, _ = simulate(compute, 20.0, n=n, capacity=capacity, knob_every=1)
+    _, jit, _ = simulate(compute, 20.0, n=n, capacity=capacity, knob_every=1, lead=LeadTime(PERIOD))
+    assert full.underruns == 0 and jit.underruns == 0
+    (full50, full95), (jit50, jit95) = full.latency(), jit.latency()
+    assert jit95 <= 1.25 * compute + PERIOD + compute + 2 * VSYNC  # the lead, then the chunk's own compute
+    assert jit50 < full50 - (0.3 if n == 12 else 0.01) and jit95 < full95
+
+
+def test_just_in_time_pacing_starts_earlier_after_an_underrun():
+    """A machine where one chunk in 12 takes 0.5 s instead of 0.28, rarer than the 8 chunks LeadTime remembers:
+    the first slow chunks let the screen run dry, the margin grows, and then it runs dry no more (60 s: 3
+    underruns against 14 at a fixed margin)."""
+    slow = lambda i: 0.5 if i % 12 == 5 else 0.28  # noqa: E731
+    lead = LeadTime(PERIOD)
+    _, jit, _ = simulate(slow, 60.0, n=12, capacity=24, knob_every=1, lead=lead)
+    assert lead.margin > 1.25
+    fixed = LeadTime(PERIOD, max_margin=1.25)
+    _, stuck, _ = simulate(slow, 60.0, n=12, capacity=24, knob_every=1, lead=fixed)
+    assert jit.underruns * 3 < stuck.underruns
+    _, full, _ = simulate(slow, 60.0, n=12, capacity=24, knob_every=1)
+    assert full.underruns == 0  # a full queue absorbs it all: play --pacing smooth
+
+
+def test_seconds_ahead_counts_the_frame_on_screen_and_the_queue_and_is_infinite_when_frozen():
+    clock = FakeClock()
+    q = FrameQueue(24, clock=clock)
+    p = Presenter(q, FPS, clock=clock)
+    assert p.seconds_ahead() == 0.0
+    q.put(chunk(0, 4))
+    assert p.seconds_ahead() == pytest.approx(4 * PERIOD)
+    p.poll()  # frame 0 on screen until its tick ends, 3 queued
+    clock.t += 0.25 * PERIOD
+    assert p.seconds_ahead() == pytest.approx(0.75 * PERIOD + 3 * PERIOD)
+    p.freeze(True)
+    assert p.seconds_ahead() == float("inf")
+    p.freeze(False)
+    assert p.seconds_ahead() == pytest.approx(3 * PERIOD)
+    waited = []
+    p.wait_for_lead(PERIOD, sleep=lambda s: (waited.append(s), setattr(clock, "t", clock.t + s), q.pop()))
+    assert waited and p.seconds_ahead() <= PERIOD
 
 
 def test_wait_room_blocks_until_a_chunk_fits():

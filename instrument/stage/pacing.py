@@ -16,6 +16,11 @@ The render thread pushes whole chunks (9-12 frames at a time, in bursts) into a 
 - Latency: the render loop should call `wait_room` before it reads the controls, then
   generate and `put`: the chunk then waits for the screen before it is computed, not after.
   Worst case a knob reaches the screen after about capacity/fps + one chunk's compute time.
+- Just in time: room in the queue comes a whole chunk of frames before the screen needs the next
+  chunk, and a generator faster than the screen would read the controls that early. So the render
+  loop first waits (`Presenter.wait_for_lead`) until the frames still to show last no longer than
+  `LeadTime`: the recent chunks' slowest compute time with a margin, plus one frame. The margin grows
+  after an underrun, so a jittery machine trades some of the gain back for a steady picture.
 - Knob-to-photon latency is recorded when the first frame of a chunk carrying `computed_with`
   is handed out for drawing (one swap before it is lit on screen).
 
@@ -25,6 +30,7 @@ fake clock.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -180,6 +186,30 @@ class FrameQueue:
         return sum(n for n, _ in times) / total if times and total > 0 else None
 
 
+class LeadTime:
+    """How far ahead of the screen a chunk must start: margin x the slowest of the recent chunks' compute
+    times, plus one frame period (the presenter polls on its own schedule). None until a chunk is timed,
+    so the first chunks fill the queue as fast as they come (warm-up, compiles)."""
+
+    def __init__(self, period: float, *, window: int = 8, margin: float = 1.25, max_margin: float = 3.0):
+        self.period = period
+        self.margin = margin
+        self.max_margin = max_margin
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def record(self, compute_s: float, underran: bool = False) -> None:
+        """One chunk's compute time; underran: the screen ran dry meanwhile, so start earlier from now on."""
+        if underran and self._recent:
+            self.margin = min(self.margin + 0.25, self.max_margin)
+        if compute_s >= 0 and compute_s == compute_s:
+            self._recent.append(compute_s)
+
+    def seconds(self) -> float | None:
+        if not self._recent:
+            return None
+        return self.margin * max(self._recent) + self.period
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     # linear interpolation between closest ranks, as numpy's default
     if len(sorted_values) == 1:
@@ -267,6 +297,26 @@ class Presenter:
         if item.computed_with is not None:
             self._latencies.append(max(now - item.computed_with, 0.0))
         return item.image
+
+    def seconds_ahead(self, now: float | None = None) -> float:
+        """Seconds of video the screen has before it runs dry: what is left of the frame on screen and every
+        queued frame. Infinite while frozen (nothing drains)."""
+        if self._frozen:
+            return math.inf
+        now = self._clock() if now is None else now
+        queued = len(self.queue) * self.period
+        if self._anchor is None:
+            return queued
+        return max(self._anchor + self._k * self.period - now, 0.0) + queued
+
+    def wait_for_lead(self, lead: float, stop: threading.Event | None = None, sleep=time.sleep) -> None:
+        """Block the render loop while the screen has more than `lead` seconds of frames ahead of it (or until
+        stop is set); the controls read right after are the freshest that can still make it in time."""
+        while stop is None or not stop.is_set():
+            ahead = self.seconds_ahead()
+            if ahead <= lead:
+                return
+            sleep(min(ahead - lead, 0.1))  # the queue only drains meanwhile; 0.1 s: see stop and unfreezes
 
     def freeze(self, on: bool | None = None) -> bool:
         """Hold the current frame (None toggles); returns the new state."""

@@ -49,6 +49,10 @@ def configure(p) -> None:
     p.add_argument("--headless", action="store_true", help="no window: frames are paced, counted and recorded")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of playing")
     p.add_argument("--stats", metavar="FILE", help="write a JSON summary at the end")
+    p.add_argument("--pacing", choices=("latency", "smooth"), default="latency",
+                   help="latency (default): start each chunk just in time for the screen, with the freshest "
+                        "controls; smooth: keep the queue full (a chunk more of knob-to-photon latency, more "
+                        "slack for an uneven machine)")
     p.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
                    help="stream until the compiled, graph-captured chunk runs before the show starts, and play on "
                         "from there (auto: when the engine compiles, i.e. on a GPU)")
@@ -303,14 +307,21 @@ class Play:
         self.show.log(f"recorded {r.written} frames to {r.path}" + (f" ({r.dropped} dropped)" if r.dropped else ""))
 
     # -- the render thread ----------------------------------------------------------------
-    def _render(self, queue) -> None:
+    def _render(self, queue, pres) -> None:
         from ..bends.sites import BendSites
+        from .pacing import LeadTime
 
         room = 4 * self.stream.settings.chunk  # frames of a full chunk (the first one is shorter)
+        lead = LeadTime(pres.period) if self.args.pacing == "latency" else None
         failures = 0
-        while not self.stop.is_set() and queue.wait_room(room):
+        while not self.stop.is_set():
+            if lead is not None and lead.seconds() is not None:
+                pres.wait_for_lead(lead.seconds(), self.stop)
+            if not queue.wait_room(room) or self.stop.is_set():
+                break
             self.show.apply_pending()
             t0 = time.perf_counter()
+            underruns = pres.underruns
             try:
                 chunk = self.stream.next()
             except Exception as e:  # noqa: BLE001 - keep playing if at all possible
@@ -327,6 +338,8 @@ class Play:
                 continue
             failures = 0
             self.compute_s += time.perf_counter() - t0
+            if lead is not None:
+                lead.record(time.perf_counter() - t0, underran=pres.underruns > underruns)
             self.chunks += 1
             self.frames_generated += int(chunk.frames.shape[0])
             for w in chunk.warnings:
@@ -363,7 +376,7 @@ class Play:
             s = self.stream.settings
             progress(f"playing {s.width}x{s.height} at {args.fps:g} fps"
                      + (f" for {args.duration:g} s" if args.duration else "") + (" (headless)" if args.headless else ""))
-            renderer = threading.Thread(target=self._render, args=(queue,), name="render", daemon=True)
+            renderer = threading.Thread(target=self._render, args=(queue, pres), name="render", daemon=True)
             started = time.monotonic()
             renderer.start()
             try:
