@@ -23,3 +23,20 @@ def default_folder(tmp_path_factory):
     from instrument.engine.default import save_folder
 
     return save_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
+
+
+@pytest.fixture
+def main_here(capsys):
+    """A command's main(argv) run in this process, as (returncode, stderr): the command line without a fresh
+    interpreter's seconds of imports. Tests that use it still run the command once as a real subprocess."""
+    from types import SimpleNamespace
+
+    def run(main, *args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+    return run

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import need_tool
+from instrument import cli
 from instrument.engine.default import build_components
 
 # diffusers name -> original Wan name: the inverse of diffusers' converter, written out so the test
@@ -96,31 +97,16 @@ def test_checkpoint_in_original_layout_gives_the_frames_of_its_folder(default_fo
     assert "applying" in r1.stderr and "reading checkpoint" in r1.stderr  # progress shown
 
 
-def test_render_writes_n_frames_deterministically(tmp_path, capsys):
+def test_render_writes_n_frames_deterministically(tmp_path, main_here):
     a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
     args = ("render", "--frames", "14", "--chunk", "1", "--device", "cpu")
     r = run_cli(*args, "--out", str(a), "--seed", "4")  # one in its own process, the others in this one
     assert r.returncode == 0, r.stderr
-    assert cli_here(capsys, *args, "--out", b, "--seed", "4").returncode == 0
+    assert main_here(cli.main, *args, "--out", b, "--seed", "4").returncode == 0
     assert frame_count(a) == (14, 128, 128)
     assert decoded_frames(a) == decoded_frames(b)
-    assert cli_here(capsys, *args, "--out", c, "--seed", "5").returncode == 0
+    assert main_here(cli.main, *args, "--out", c, "--seed", "5").returncode == 0
     assert decoded_frames(a) != decoded_frames(c)
-
-
-def cli_here(capsys, *args):
-    """`instrument ARGS` in this process (instrument.cli.main, its stderr): the command line without a fresh
-    interpreter's seconds of imports; the first case of a test runs as a real subprocess."""
-    from types import SimpleNamespace
-
-    from instrument import cli
-
-    capsys.readouterr()
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def one_clear_line(result, *needles):
@@ -130,35 +116,35 @@ def one_clear_line(result, *needles):
     assert any(all(n in line for n in needles) for line in err), result.stderr
 
 
-def test_bad_paths_and_files_give_one_clear_line(tmp_path, default_folder, capsys):
+def test_bad_paths_and_files_give_one_clear_line(tmp_path, default_folder, main_here):
     out = str(tmp_path / "x.mp4")
     one_clear_line(run_cli("render", "--out", out, "--frames", "1", "--model", str(tmp_path / "nope")),
                    "nope", "no such folder")
     (tmp_path / "empty").mkdir()
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--model", str(tmp_path / "empty")),
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--model", str(tmp_path / "empty")),
                    "missing", "model_index.json")
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--checkpoint", str(tmp_path / "no.pt")),
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--checkpoint", str(tmp_path / "no.pt")),
                    "no.pt", "no such file")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint at all")
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--checkpoint", str(junk)),
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--checkpoint", str(junk)),
                    "junk.pt", "not a readable checkpoint")
     partial = tmp_path / "partial.safetensors"
     state = original_layout(build_components()[0].state_dict())
     state.pop(next(k for k in state if "self_attn.q.weight" in k))
     state["model.extra.weight"] = torch.zeros(1)
     save_file(state, str(partial))
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--model", str(default_folder),
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--model", str(default_folder),
                            "--checkpoint", str(partial)),
                    "partial.safetensors", "1 missing", "1 unexpected")
     # A pickle that would run code is refused by weights_only loading.
     evil = tmp_path / "evil.pt"
     evil.write_bytes(b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c"
                      b"\x04true\x94\x85\x94R\x94.")
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--checkpoint", str(evil)),
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--checkpoint", str(evil)),
                    "evil.pt", "not a readable checkpoint")
-    one_clear_line(cli_here(capsys, "render", "--out", out, "--frames", "1", "--size", "100x64"), "--size", "multiples")
-    one_clear_line(cli_here(capsys, "render", "--out", str(tmp_path / "no" / "x.mp4"), "--frames", "1"), "does not exist")
+    one_clear_line(main_here(cli.main, "render", "--out", out, "--frames", "1", "--size", "100x64"), "--size", "multiples")
+    one_clear_line(main_here(cli.main, "render", "--out", str(tmp_path / "no" / "x.mp4"), "--frames", "1"), "does not exist")
 
 
 def test_a_random_model_streams_its_configuration_with_either_decoder(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from instrument.sketch import data, evaluate
+from instrument.sketch import data, evaluate, train
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
 from instrument.engine.default import TRAINED
 from instrument.engine.stream import Engine
@@ -22,22 +22,6 @@ from instrument.progress import quiet
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
 
 
-def train_cli(capsys, *args):
-    """`python -m instrument.sketch.train ARGS` in this process (its main, its stderr): the command line without
-    a fresh interpreter's 5 s of imports each time. One test runs it as a real subprocess too."""
-    from types import SimpleNamespace
-
-    from instrument.sketch import train
-
-    capsys.readouterr()
-    try:
-        code = train.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tensors are small: one thread avoids OpenMP spin-waiting on a busy 2-core machine."""
     saved = torch.get_num_threads()
@@ -367,7 +351,7 @@ def test_default_config_fits_the_size_budget(tmp_path):
     assert size <= MAX_BYTES, size
 
 
-def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, capsys):
+def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, main_here):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "instrument.sketch.train", "--out", str(out), "--config", "tiny",
            "--codec-steps", "2", "--dit-steps", "2", "--log-every", "1"]
@@ -376,19 +360,19 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert "dit step 2 loss" in r.stderr and (out / "model" / "transformer" / "config.json").is_file()
     assert "the codec keeps the captioned object colour in" in r.stderr
-    r = train_cli(capsys, *cmd[3:])
+    r = main_here(train.main, *cmd[3:])
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
-    r = train_cli(capsys, *cmd[3:-4], "--dit-steps", "3", "--resume", "--log-every", "1")
+    r = main_here(train.main, *cmd[3:-4], "--dit-steps", "3", "--resume", "--log-every", "1")
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stderr and "dit step 3 loss" in r.stderr
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["steps"] == {"codec": 2, "dit": 3} and state["stage"] == "done"
     # a look at the latest checkpoint, as one takes of a run still training on the GPU
-    r = train_cli(capsys, *cmd[3:-4], "--export-only", tmp_path / "look")
+    r = main_here(train.main, *cmd[3:-4], "--export-only", tmp_path / "look")
     assert r.returncode == 0, r.stderr
     index = json.loads((tmp_path / "look" / "model_index.json").read_text())
     assert index["sketch"]["steps"] == {"codec": 2, "dit": 3}
-    r = train_cli(capsys, "--out", tmp_path / "empty", "--export-only")
+    r = main_here(train.main, "--out", tmp_path / "empty", "--export-only")
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -810,9 +794,9 @@ def test_chunks_draw_their_sigma_from_the_schedule_or_uniformly(tmp_path):
     assert Config.from_json(older).sigma_uniform == 0.0  # a run from before the setting resumes as it trained
 
 
-def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tmp_path, capsys):
+def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tmp_path, main_here):
     out = tmp_path / "run"
-    r = train_cli(capsys, "--out", str(out), "--config", "tiny",
+    r = main_here(train.main, "--out", str(out), "--config", "tiny",
                   "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                   "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5")
@@ -847,7 +831,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     state_file = Trainer.latest(out) / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "generator": base64.b64encode(bytes(range(16))).decode()}))
-    r = train_cli(capsys, "--out", str(out), "--export-only",
+    r = main_here(train.main, "--out", str(out), "--export-only",
                   str(tmp_path / "other"), "--schedule", "1000,950,850,300", "--shift", "2")
     assert r.returncode == 0, r.stderr
     other = json.loads((tmp_path / "other" / "model_index.json").read_text())["sketch"]
@@ -856,7 +840,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     # a new run can start at the DiT stage on this run's trained codec, to compare DiT settings on one codec
     from safetensors.torch import load_file
 
-    r = train_cli(capsys, "--out", str(tmp_path / "dit-only"),
+    r = main_here(train.main, "--out", str(tmp_path / "dit-only"),
                   "--config", "tiny", "--codec-from", str(out), "--dit-steps", "2", "--dit-object-weight", "0",
                   "--self-context", "0.25", "--dit-batch", "3")
     assert r.returncode == 0, r.stderr
@@ -869,7 +853,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     codec_keys = [k for k in b if k.startswith("codec.")]
     assert codec_keys and all(torch.equal(a[k], b[k]) for k in codec_keys)
     # or on the codec of a model folder (the shipped model's, for a new DiT without training its codec again)
-    r = train_cli(capsys, "--out", str(tmp_path / "from-folder"),
+    r = main_here(train.main, "--out", str(tmp_path / "from-folder"),
                   "--config", "tiny", "--codec-from", str(out / "model"), "--dit-steps", "1")
     assert r.returncode == 0, r.stderr
     folder_state = json.loads((Trainer.latest(tmp_path / "from-folder") / "state.json").read_text())
@@ -877,23 +861,23 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     c = load_file(str(tmp_path / "from-folder" / "model" / "codec" / "model.safetensors"))
     shipped_codec = load_file(str(out / "model" / "codec" / "model.safetensors"))
     assert set(c) == set(shipped_codec) and all(torch.equal(c[k], shipped_codec[k]) for k in c)
-    shipped = train_cli(capsys, "--out", str(tmp_path / "shipped"),
+    shipped = main_here(train.main, "--out", str(tmp_path / "shipped"),
                         "--config", "tiny", "--codec-from", str(TRAINED), "--dit-steps", "1")
     assert shipped.returncode == 2 and "codec of size [128, 128]" in shipped.stderr
     assert "Traceback" not in shipped.stderr
-    other = train_cli(capsys, "--out", str(tmp_path / "other-size"),
+    other = main_here(train.main, "--out", str(tmp_path / "other-size"),
                       "--config", "small", "--codec-from", str(out), "--dit-steps", "1")
     assert other.returncode == 2 and "codec of size" in other.stderr and "Traceback" not in other.stderr
-    bad = train_cli(capsys, "--out", str(tmp_path / "bad"),
+    bad = main_here(train.main, "--out", str(tmp_path / "bad"),
                     "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500")
     assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr
-    big = train_cli(capsys, "--out", str(tmp_path / "big"),
+    big = main_here(train.main, "--out", str(tmp_path / "big"),
                     "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--object-scale", "4")
     assert big.returncode == 2 and "radius factor" in big.stderr and "Traceback" not in big.stderr
-    negative = train_cli(capsys, "--out", str(tmp_path / "neg"),
+    negative = main_here(train.main, "--out", str(tmp_path / "neg"),
                          "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-outline-weight", "-1")
     assert negative.returncode == 2 and "--dit-outline-weight -1" in negative.stderr
-    zero = train_cli(capsys, "--out", str(tmp_path / "zero"),
+    zero = main_here(train.main, "--out", str(tmp_path / "zero"),
                      "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-sink-weight", "0")
     assert zero.returncode == 2 and "--dit-sink-weight 0: a weight, more than 0" in zero.stderr
     with pytest.raises(ValueError, match="object scale"):
