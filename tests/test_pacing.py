@@ -242,6 +242,23 @@ def test_just_in_time_pacing_starts_earlier_after_an_underrun():
     assert full.underruns == 0  # a full queue absorbs it all: play --pacing smooth
 
 
+def test_the_margin_steps_back_after_a_calm_stretch():
+    """A one-off stall (a patch switch capturing its graph) raises the margin; 64 calm chunks take it back."""
+    lead = LeadTime(PERIOD)
+    lead.record(0.3)
+    lead.record(2.0, underran=True)
+    lead.record(0.3, underran=True)
+    assert lead.margin == 1.75
+    for _ in range(LeadTime.CALM - 1):
+        lead.record(0.3)
+    assert lead.margin == 1.75
+    lead.record(0.3)
+    assert lead.margin == 1.5
+    for _ in range(10 * LeadTime.CALM):
+        lead.record(0.3)
+    assert lead.margin == 1.25 and lead.seconds() == pytest.approx(1.25 * 0.3 + PERIOD)
+
+
 def test_seconds_ahead_counts_the_frame_on_screen_and_the_queue_and_is_infinite_when_frozen():
     clock = FakeClock()
     q = FrameQueue(24, clock=clock)

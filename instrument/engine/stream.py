@@ -303,7 +303,7 @@ class Stream:
     def warm_up(self, progress=None, limit: int = 64) -> int:
         """Stream until the steady chunk has compiled, been captured and replayed: the KV cache full, then two
         chunks more (the first captures, the second replays). Returns the chunks it took. The chunks advance the
-        stream; `reset` after it to start the show from frame 0 with nothing left to compile."""
+        stream, as any others would (play shows on from there)."""
         chunks = 0
         steady_after = (self.settings.sink + self.settings.window) // self.settings.chunk
         while not self.cache.full or chunks < 2 + steady_after:

@@ -191,16 +191,27 @@ class LeadTime:
     times, plus one frame period (the presenter polls on its own schedule). None until a chunk is timed,
     so the first chunks fill the queue as fast as they come (warm-up, compiles)."""
 
+    CALM = 64  # chunks without an underrun before the margin steps back down
+
     def __init__(self, period: float, *, window: int = 8, margin: float = 1.25, max_margin: float = 3.0):
         self.period = period
-        self.margin = margin
+        self.base_margin = self.margin = margin
         self.max_margin = max_margin
         self._recent: deque[float] = deque(maxlen=window)
+        self._calm = 0
 
     def record(self, compute_s: float, underran: bool = False) -> None:
-        """One chunk's compute time; underran: the screen ran dry meanwhile, so start earlier from now on."""
+        """One chunk's compute time; underran: the screen ran dry meanwhile, so start earlier from now on. The
+        margin steps back after CALM chunks without one: a one-off stall (a patch switch capturing its graph)
+        must not cost latency for the rest of the show."""
         if underran and self._recent:
             self.margin = min(self.margin + 0.25, self.max_margin)
+            self._calm = 0
+        else:
+            self._calm += 1
+            if self._calm >= self.CALM and self.margin > self.base_margin:
+                self.margin = max(self.margin - 0.25, self.base_margin)
+                self._calm = 0
         if compute_s >= 0 and compute_s == compute_s:
             self._recent.append(compute_s)
 
