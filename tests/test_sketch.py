@@ -376,6 +376,37 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, main_her
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_run_whose_machine_was_lost_goes_on_from_its_exported_model(tmp_path, main_here):
+    """--dit-from MODEL: a new run takes an exported folder's DiT (its EMA weights, live and EMA), its codec, its
+    step count and minutes, and trains on with a fresh optimizer whose learning rate warms up again; another
+    run's settings are refused, and a resume of the new run keeps where the warm-up started."""
+    lost = Trainer(tmp_path / "lost", Config.tiny(), progress=quiet)
+    lost.run(None, codec_steps=2, dit_steps=3, checkpoint_every=0)
+    folder = lost.export(tmp_path / "latest-model")
+    assert json.loads((folder / "model_index.json").read_text())["sketch"]["elapsed"]["dit"] > 0
+    again = Trainer(tmp_path / "again", Config.tiny(), progress=quiet)
+    again.take_model(folder)
+    assert again.steps == {"codec": 2, "dit": 3} and again.stage == "dit" and again.dit_since == 3
+    assert again.elapsed["dit"] == round(lost.elapsed["dit"], 1)
+    for k, p in again._dit_params().items():
+        assert torch.equal(p, lost.ema[k]) and torch.equal(again.ema[k], lost.ema[k])
+    assert all(torch.equal(a, b) for a, b in zip(again.codec.state_dict().values(), lost.codec.state_dict().values()))
+    again.train_dit_step()
+    assert again.dit_opt.param_groups[0]["lr"] == pytest.approx(again.cfg.dit_lr / again.cfg.warmup)
+    # through the command line, then resumed: 3 -> 5 -> 6 steps, the warm-up still counted from step 3
+    r = main_here(train.main, "--out", tmp_path / "cli", "--config", "tiny", "--dit-from", folder, "--dit-steps", "5")
+    assert r.returncode == 0 and "DiT taken from" in r.stderr, r.stderr
+    r = main_here(train.main, "--out", tmp_path / "cli", "--codec-steps", "2", "--dit-steps", "6", "--resume")
+    assert r.returncode == 0, r.stderr
+    state = json.loads((Trainer.latest(tmp_path / "cli") / "state.json").read_text())
+    assert state["steps"] == {"codec": 2, "dit": 6} and state["dit_since"] == 3
+    r = main_here(train.main, "--out", tmp_path / "other", "--config", "tiny", "--dit-from", folder, "--dit-steps", "5",
+                  "--upright")
+    assert r.returncode == 2 and "trained with other settings: upright False (this run: True)" in r.stderr
+    r = main_here(train.main, "--out", tmp_path / "none", "--config", "tiny", "--dit-from", tmp_path, "--dit-steps", "5")
+    assert r.returncode == 2 and "not a model folder" in r.stderr
+
+
 # -- measuring a sketch model --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):

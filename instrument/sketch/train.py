@@ -344,6 +344,7 @@ class Trainer:
         self.stage = "codec"
         self.steps = {"codec": 0, "dit": 0}
         self.elapsed = {"codec": 0.0, "dit": 0.0}
+        self.dit_since = 0  # the DiT step its learning-rate warm-up counts from (take_model: where it went on)
         self.losses: list[float] = []
         self._previous: str | None = None  # the checkpoint before the newest, kept as a fallback
         self.sigmas = torch.tensor([warp(t, config.shift) for t in config.schedule], device=self.device)
@@ -497,7 +498,7 @@ class Trainer:
         self.text_encoder.train()
         loss = self.dit_loss(*batch)
         params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
-        self._step(loss, self.dit_opt, params, step, self.cfg.dit_lr)
+        self._step(loss, self.dit_opt, params, step - self.dit_since, self.cfg.dit_lr)
         self.steps["dit"] += 1
         with torch.no_grad():
             decay = min(self.cfg.ema, (1 + step) / (10 + step))
@@ -577,6 +578,40 @@ class Trainer:
                       f"background colour in {r['background_colour']:.0%} of {captions} held-out clips")
         return r
 
+    def take_model(self, folder: str | Path) -> None:
+        """Go on training the DiT of an exported model folder, on its codec: what is left of a run whose GPU
+        machine was taken back (tools/device-sketch.sh brings the newest checkpoint's folder back every call).
+        The folder holds the EMA weights, which become the live and the EMA weights; the step count and the
+        minutes spent go on from the folder's. Adam's moments are not in a folder, so they start afresh and
+        the learning rate warms up again, as at a run's start."""
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        folder = Path(folder)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"--dit-from {folder}: not a model folder (no model_index.json)")
+        self.take_codec(folder)
+        sketch = json.loads((folder / "model_index.json").read_text()).get("sketch", {})
+        mine = {"shift": self.cfg.shift, "sampler": self.cfg.sampler, "schedule": [float(t) for t in self.cfg.schedule],
+                "object_scale": self.cfg.object_scale, "upright": self.cfg.upright}
+        differ = [f"{k} {sketch.get(k)!r} (this run: {v!r})" for k, v in mine.items() if sketch.get(k) != v]
+        if differ:
+            raise UserError(f"--dit-from {folder}: trained with other settings: {', '.join(differ)}")
+        try:
+            transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+            text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder")
+            self.transformer.load_state_dict(transformer.state_dict())
+            self.text_encoder.load_state_dict(text_encoder.state_dict())
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: another config's shapes
+            raise UserError(f"--dit-from {folder}: its DiT does not fit this run's config "
+                            f"({str(e).splitlines()[0]})") from None
+        for k, p in self._dit_params().items():
+            self.ema[k].copy_(p.detach())
+        self.steps["dit"] = self.dit_since = int(sketch.get("steps", {}).get("dit", 0))
+        self.elapsed.update({k: float(v) for k, v in sketch.get("elapsed", {}).items() if k in self.elapsed})
+        self.progress(f"DiT taken from {folder} at step {self.steps['dit']} ({self.elapsed['dit'] / 60:.1f} min "
+                      "trained); the optimizer starts afresh")
+
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _tensors(self) -> dict:
         t = {f"codec.{k}": v for k, v in self.codec.state_dict().items()}
@@ -592,6 +627,7 @@ class Trainer:
     def _json_state(self) -> dict:
         return {
             "stage": self.stage, "steps": self.steps, "elapsed": self.elapsed, "losses": self.losses[-1000:],
+            "dit_since": self.dit_since,
             "generator": _rng_to_str(self.generator.get_state()),
             "param_groups": {n: o.state_dict()["param_groups"] for n, o in
                              (("codec_opt", self.codec_opt), ("dit_opt", self.dit_opt))},
@@ -656,6 +692,7 @@ class Trainer:
         if noise:
             self.generator.set_state(_rng_from_str(state["generator"]))
         self.stage, self.steps, self.elapsed = state["stage"], state["steps"], state["elapsed"]
+        self.dit_since = int(state.get("dit_since", 0))
         self.losses = list(state["losses"])
         self._previous = path.name
 
@@ -692,7 +729,7 @@ class Trainer:
                        "shift": self.cfg.shift, "sampler": self.cfg.sampler,
                        "schedule": list(self.cfg.schedule), "object_scale": self.cfg.object_scale,
                        "upright": self.cfg.upright,
-                       "steps": self.steps},
+                       "steps": self.steps, "elapsed": {k: round(v, 1) for k, v in self.elapsed.items()}},
         }, indent=1))
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
@@ -790,6 +827,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec-from", default=None, metavar="RUN",
                         help="a new run starts at the DiT stage with the trained codec of RUN, a run folder or a model "
                         "folder such as the shipped instrument/sketch/model (same size and codec)")
+    parser.add_argument("--dit-from", default=None, metavar="MODEL",
+                        help="a new run goes on training the DiT of an exported model folder, on its codec, from its "
+                             "step and minutes (a run whose GPU machine was lost: its newest exported checkpoint); "
+                             "give the lost run's settings again")
     parser.add_argument("--dit-object-weight", type=float, default=None,
                         help="a new run's DiT loss weight on latent pixels that encode objects (default 4)")
     parser.add_argument("--dit-outline-weight", type=float, default=None,
@@ -828,8 +869,12 @@ def run(args) -> int:
     latest = Trainer.latest(out)
     if args.export_only is not None:
         return export_only(out, latest, args.export_only or None, args.schedule, args.shift)
-    if args.minutes is None and (args.dit_steps is None or (args.codec_steps is None and not args.codec_from)):
-        raise UserError("give --minutes, or both --codec-steps and --dit-steps (--dit-steps alone with --codec-from)")
+    if args.minutes is None and (args.dit_steps is None or (args.codec_steps is None and not args.codec_from
+                                                            and not args.dit_from)):
+        raise UserError("give --minutes, or both --codec-steps and --dit-steps (--dit-steps alone with --codec-from "
+                        "or --dit-from)")
+    if args.codec_from and args.dit_from:
+        raise UserError("--dit-from takes the model folder's codec too: give one of --codec-from and --dit-from")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch")
     if latest is not None and not args.resume:
@@ -871,6 +916,8 @@ def run(args) -> int:
     if args.resume and latest is not None:
         trainer.load_checkpoint(latest)
         progress(f"resumed from {latest} (stage {trainer.stage}, steps {trainer.steps})")
+    elif args.dit_from:
+        trainer.take_model(args.dit_from)
     elif args.codec_from:
         trainer.take_codec(args.codec_from)
     stopping = {"flag": False}
