@@ -9,6 +9,9 @@
 #   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py;
 #                                          TIMES_ARGS: its options, e.g. "--dit-batches 32 --dit-outline-weights 0,16")
 #
+# A machine taken back mid-run: unpack the newest latest-model.tar.part-* into runs/carry here, carry it, and
+# start again with TRAIN_ARGS="--dit-from runs/carry/<name>-model <the lost run's settings>" (README: training).
+#
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
 # `train` options), CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a
 # time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
