@@ -5,10 +5,10 @@
 Starts `instrument play --headless` (frames paced at the playback rate, no window), sends `/prompt/blend`
 to random values at random intervals of 0.2-0.6 s over OSC while it plays, and prints play's summary line
 and the latency it measured (from a control message's arrival to the first frame computed with it being
-handed to the screen), with the generated and shown frame rates. On a GPU the first chunks compile and
-capture their graphs while play already plays: --settle leaves the knobs still that long first, so that
-warm-up is not counted as latency. Headless, the frame is "shown" when the
-presenter hands it out; a window adds one buffer swap.
+handed to the screen), with the generated and shown frame rates. On a GPU play compiles and captures
+before its first frame (its warm-up), so a few seconds of --settle are enough; with `-- --warm-up off` the
+first chunks compile while play plays, and --settle must outlast that. Headless, the frame is "shown"
+when the presenter hands it out; a window adds one buffer swap.
 """
 
 from __future__ import annotations
