@@ -28,7 +28,7 @@ def default_folder(tmp_path_factory):
 @pytest.fixture
 def main_here(capsys):
     """A command's main(argv) run in this process, as (returncode, stderr): the command line without a fresh
-    interpreter's seconds of imports. Tests that use it still run the command once as a real subprocess."""
+    interpreter's seconds of imports. Each command so run also runs as a real subprocess in its test file."""
     from types import SimpleNamespace
 
     def run(main, *args):

@@ -315,8 +315,9 @@ class Play:
         lead = LeadTime(pres.period) if self.args.pacing == "latency" else None
         failures = 0
         while not self.stop.is_set():
-            if lead is not None and lead.seconds() is not None:
-                pres.wait_for_lead(lead.seconds(), self.stop)
+            ahead = None if lead is None else lead.seconds()
+            if ahead is not None:
+                pres.wait_for_lead(ahead, self.stop)
             if not queue.wait_room(room) or self.stop.is_set():
                 break
             self.show.apply_pending()
@@ -337,9 +338,10 @@ class Play:
                 time.sleep(0.2)
                 continue
             failures = 0
-            self.compute_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.compute_s += took
             if lead is not None:
-                lead.record(time.perf_counter() - t0, underran=pres.underruns > underruns)
+                lead.record(took, underran=pres.underruns > underruns)
             self.chunks += 1
             self.frames_generated += int(chunk.frames.shape[0])
             for w in chunk.warnings:
