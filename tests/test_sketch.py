@@ -260,6 +260,78 @@ def test_teacher_forcing_equals_streaming_inference_in_float64():
             torch.testing.assert_close(v[:, :, 2 * c:frames], ref, rtol=1e-9, atol=1e-9)
 
 
+def test_an_opening_is_a_first_chunk_drawn_from_its_words_alone_in_float64():
+    """teacher_forcing_forward with no clean context (an opening) equals diffusers' own forward over the noised
+    chunk alone, unmasked, as the engine draws a stream's first chunk; and equals the first chunk of the
+    teacher-forcing layout, whose first noised chunk sees nothing but itself. No mask reaches attention."""
+    cfg = Config.tiny()  # chunks of 2 latent frames
+    cfg.latent_frames = 6
+    trainer = Trainer("/nonexistent", cfg)
+    model = trainer.transformer.double().eval()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    clean = torch.randn(2, 16, 6, 4, 4, generator=g, dtype=torch.float64)
+    noised = torch.randn(2, 16, 6, 4, 4, generator=g, dtype=torch.float64)
+    sigma = torch.rand(2, 3, generator=g, dtype=torch.float64).repeat_interleave(2, dim=1)
+    text = torch.randn(2, 16, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        opening = teacher_forcing_forward(model, trainer.processor, None, noised[:, :, :2], sigma[:, :2], text,
+                                          cfg, gap=0)
+        assert trainer.processor.mask is None
+        reference = WanTransformer3DModel(**cfg.transformer).double().eval()
+        reference.load_state_dict(model.state_dict())
+        ts = (sigma[:, :2] * 1000).repeat_interleave(4, dim=1)  # 4x4 latent pixels in 2x2 patches: 4 tokens a frame
+        ref = reference(noised[:, :, :2], ts, text, return_dict=False)[0]
+        torch.testing.assert_close(opening, ref, rtol=1e-9, atol=1e-9)
+        layout = teacher_forcing_forward(model, trainer.processor, clean, noised, sigma, text, cfg, gap=0)
+        assert trainer.processor.mask is not None
+        torch.testing.assert_close(opening, layout[:, :, :2], rtol=1e-9, atol=1e-9)
+
+
+def test_openings_join_each_step_weighed_by_their_frames(tmp_path, monkeypatch):
+    """dit_openings: each step also trains on that many other clips' first chunks, drawn from time 0, twin
+    pairs leading them as they lead the full clips; the step's loss weighs every noised latent frame alike."""
+    cfg = Config.tiny()  # 2 full clips of 6 latent frames, chunks of 2
+    cfg.dit_openings, cfg.dit_twins = 4, 0.5  # one twin pair among the openings, none among 2 full clips
+    trainer = Trainer(tmp_path, cfg, progress=quiet)
+    trainer.stage = "dit"
+    step = int(np.random.default_rng().integers(0, 10**6))
+    latents, captions, weight = trainer.opening_batch(step)
+    assert latents.shape == (4, 16, 2, 4, 4) and weight.shape == (4, 1, 2, 4, 4) and len(captions) == 4
+    first, twin = data.describe(captions[0]), data.describe(captions[1])
+    assert first.groups[0].shape != twin.groups[0].shape
+    assert dataclasses.replace(twin.groups[0], shape=first.groups[0].shape) == first.groups[0]
+    assert data.describe(captions[2]) != data.describe(captions[3])
+    specs = trainer._specs(4, step, 4)
+    video = data.render(specs[2:], data.clip_times(5), cfg.size)  # 2 latent frames: 1 + 4 video frames from 0
+    with torch.no_grad():
+        torch.testing.assert_close(latents[2:], trainer.codec.encode(video).float())
+    again = trainer.opening_batch(step)
+    assert torch.equal(again[0], latents) and again[1] == captions
+    assert not torch.equal(trainer.opening_batch(step + 1)[0], latents)
+    full_seeds = {s.seed for s in trainer._specs(2, step, cfg.dit_batch)}  # other clips than the full ones
+    assert full_seeds.isdisjoint(s.seed for s in specs)
+
+    parts = {}
+    for name in ("dit_loss", "opening_loss"):
+        real = getattr(trainer, name)
+
+        def spy(*args, _real=real, _name=name):
+            parts[_name] = _real(*args)
+            return parts[_name]
+
+        monkeypatch.setattr(trainer, name, spy)
+    before = {k: v.detach().clone() for k, v in trainer._dit_params().items()}
+    loss = trainer._dit_step()
+    full, opening = 2 * 6, 4 * 2
+    want = (parts["dit_loss"] * full + parts["opening_loss"] * opening) / (full + opening)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=0)
+    assert not torch.allclose(loss, (parts["dit_loss"] + parts["opening_loss"]).detach() / 2)
+    assert any(not torch.equal(before[k], p) for k, p in trainer._dit_params().items())
+
+
 def test_each_stage_overfits_a_fixed_batch(tmp_path):
     trainer = Trainer(tmp_path, Config.tiny())
     video = trainer.codec_batch(0)
@@ -830,7 +902,8 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     r = main_here(train.main, "--out", str(out), "--config", "tiny",
                   "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                   "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
-                  "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5")
+                  "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
+                  "--dit-openings", "3")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -839,6 +912,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
     assert state["config"]["shift"] == 1.0 and state["config"]["dit_outline_weight"] == 2.0
     assert state["config"]["dit_sink_weight"] == 3.0 and state["config"]["dit_twins"] == 0.5
+    assert state["config"]["dit_openings"] == 3
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
@@ -911,6 +985,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     zero = main_here(train.main, "--out", str(tmp_path / "zero"),
                      "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-sink-weight", "0")
     assert zero.returncode == 2 and "--dit-sink-weight 0: a weight, more than 0" in zero.stderr
+    fewer = main_here(train.main, "--out", str(tmp_path / "fewer"),
+                      "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-openings", "-2")
+    assert fewer.returncode == 2 and "--dit-openings -2: a count of clips, 0 or more" in fewer.stderr
     with pytest.raises(ValueError, match="object scale"):
         data.sample(1, 0.0)
 

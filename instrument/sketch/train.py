@@ -109,6 +109,12 @@ class Config:
     # the two, the shape word is all that explains the difference, so its gradient is less buried under the
     # noise's (a one-off check on the third run's model: signal-to-noise 0.36 against 0.29). 0: none.
     dit_twins: float = 0.0
+    # Openings per DiT step, besides the dit_batch full clips: other clips' first chunk alone, noised, with
+    # no context, as a stream's first chunk is drawn: from the words alone. It is the one chunk that must
+    # draw an object's shape from its shape word (every later chunk can copy it from its context), and the
+    # runs so far ignored their shape words. An opening costs a fraction of a full clip (one chunk instead of
+    # latent_frames clean and noised frames, no mask). Twin pairs (dit_twins) lead the openings too. 0: none.
+    dit_openings: int = 0
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
     # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
@@ -170,6 +176,7 @@ class Config:
         obj.setdefault("dit_outline_weight", 0.0)
         obj.setdefault("dit_sink_weight", 1.0)
         obj.setdefault("dit_twins", 0.0)
+        obj.setdefault("dit_openings", 0)
         obj.setdefault("self_context", 0.0)
         obj.setdefault("object_scale", 1.0)
         obj.setdefault("upright", False)
@@ -217,9 +224,9 @@ class _MaskedSelfAttention:
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
         self.inner = WanAttnProcessor()
-        self.mask: torch.Tensor | None = None
-        self.mask_key = None
-        self.rope: dict = {}  # (frames, gap, grid, device, dtype) -> the cos/sin tables, built once each
+        self.mask: torch.Tensor | None = None  # the mask of the forward in progress (None: attend everywhere)
+        self.masks: dict = {}  # (context, frames, tokens a frame, chunk, sink, window, device) -> mask, built once each
+        self.rope: dict = {}  # (context, frames, gap, grid, device, dtype) -> the cos/sin tables, built once each
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.mask if encoder_hidden_states is None else None
@@ -236,32 +243,41 @@ def frame_positions(frames: int, sink: int, gap: int) -> list[tuple[int, int]]:
 
 def teacher_forcing_forward(model, processor: _MaskedSelfAttention, clean, noised, sigmas_per_frame, text,
                             cfg: Config, gap: int) -> torch.Tensor:
-    """Velocity for the noised frames [B, C, F, h, w], given the clean frames as block-causal context."""
-    b, _, frames, h, w = clean.shape
+    """Velocity for the noised frames [B, C, F, h, w], given the clean frames as block-causal context; with
+    clean None, each noised chunk sees only itself, as a stream's first chunk does (an opening)."""
+    context = clean is not None
+    b, _, frames, h, w = noised.shape
     pt, ph, pw = model.config.patch_size
     grid_h, grid_w = h // ph, w // pw
     tpf = grid_h * grid_w
     head_dim = model.config.attention_head_dim
-    dev = clean.device
-    rope_dtype = torch.float64 if clean.dtype == torch.float64 else torch.float32
-    rope_key = (frames, gap, grid_h, grid_w, head_dim, cfg.sink, dev, rope_dtype)
+    dev = noised.device
+    rope_dtype = torch.float64 if noised.dtype == torch.float64 else torch.float32
+    rope_key = (context, frames, gap, grid_h, grid_w, head_dim, cfg.sink, dev, rope_dtype)
     if rope_key not in processor.rope:  # a few hundred gaps at most: each table built and uploaded once
         cos, sin = zip(*(rope_tables(TokenGrid(n, grid_h, grid_w), first, head_dim)
                          for first, n in frame_positions(frames, cfg.sink, gap)))
         cos, sin = torch.cat(cos, dim=1).to(rope_dtype), torch.cat(sin, dim=1).to(rope_dtype)
-        processor.rope[rope_key] = (data.upload(torch.cat([cos, cos], dim=1), dev),
-                                    data.upload(torch.cat([sin, sin], dim=1), dev))
+        copies = 2 if context else 1  # the clean frames sit where their noised twins do
+        processor.rope[rope_key] = (data.upload(torch.cat([cos] * copies, dim=1), dev),
+                                    data.upload(torch.cat([sin] * copies, dim=1), dev))
     rope = processor.rope[rope_key]
-    key = (frames, tpf, cfg.chunk, cfg.sink, cfg.window, dev)
-    if processor.mask_key != key:  # the same every step: built once, kept on the device
+    key = (context, frames, tpf, cfg.chunk, cfg.sink, cfg.window, dev)
+    if key not in processor.masks:  # the same every step: built once, kept on the device
         mask = teacher_forcing_mask(frames, cfg.chunk, cfg.sink, cfg.window)
-        processor.mask = mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(dev)
-        processor.mask_key = key
+        if not context:
+            mask = mask[frames:, frames:]  # the noised chunks, each on its own
+        # One chunk alone attends everywhere: no mask, so attention runs its fastest kernel.
+        processor.masks[key] = None if bool(mask.all()) else \
+            mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(dev)
+    processor.mask = processor.masks[key]
 
-    seq = torch.cat([clean, noised], dim=2)
+    seq = torch.cat([clean, noised], dim=2) if context else noised
     x = model.patch_embedding(seq.to(model.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-    t_frames = torch.cat([torch.zeros_like(sigmas_per_frame), sigmas_per_frame], dim=1) * 1000.0  # [B, 2F]
-    n = 2 * frames * tpf
+    t_frames = sigmas_per_frame * 1000.0  # [B, F], then the clean frames at t = 0 before them: [B, 2F]
+    if context:
+        t_frames = torch.cat([torch.zeros_like(t_frames), t_frames], dim=1)
+    n = t_frames.shape[1] * tpf
     timestep = t_frames.repeat_interleave(tpf, dim=1)
     temb, tproj, enc, _ = model.condition_embedder(timestep.flatten(), text.to(x.dtype), None, timestep_seq_len=n)
     tproj = tproj.unflatten(2, (6, -1))
@@ -269,7 +285,7 @@ def teacher_forcing_forward(model, processor: _MaskedSelfAttention, clean, noise
         x = blk(x, enc, tproj, rope)
     shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
     x = (model.norm_out(x.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x)
-    x = model.proj_out(x)[:, frames * tpf:]
+    x = model.proj_out(x)[:, n - frames * tpf:]
     x = x.reshape(b, frames, grid_h, grid_w, pt, ph, pw, -1)
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
@@ -365,26 +381,45 @@ class Trainer:
         """(clean latents [B, 16, S, h, w], captions, gap, loss weights [B, 1, S, h, w] or None): a step's clips
         through the frozen codec."""
         cfg = self.cfg
-        specs = self._specs(2, step, cfg.dit_batch)
-        shapes = np.random.default_rng([cfg.seed, 3, step])
-        for k in range(self.twin_pairs(len(specs))):
-            specs[2 * k + 1] = data.reshaped(specs[2 * k], shapes)
+        specs = self._twins(self._specs(2, step, cfg.dit_batch), [cfg.seed, 3, step])
         rng = np.random.default_rng([cfg.seed, 2, step])
         gap = int(rng.integers(1, cfg.max_gap // cfg.chunk + 1)) * cfg.chunk if rng.random() < cfg.gap_prob else 0
         n = 1 + TEMPORAL * (cfg.latent_frames - 1)
         frames = torch.arange(n, dtype=torch.float32, device=self.device)
         sink_end = 1 + TEMPORAL * (cfg.sink - 1)  # video frames of the sink's latent frames
         times = torch.where(frames < sink_end, frames, frames + TEMPORAL * gap) / data.FPS
+        latents, weight = self._encoded(specs, times)
+        if cfg.dit_sink_weight != 1.0:
+            ones = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=self.device)
+            weight = sink_weighted(ones if weight is None else weight, cfg.sink, cfg.dit_sink_weight)
+        return latents, [s.caption for s in specs], gap, weight
+
+    def opening_batch(self, step: int):
+        """(clean latents [N, 16, chunk, h, w], captions, loss weights [N, 1, chunk, h, w] or None): the step's
+        dit_openings openings, each another clip's first chunk, through the frozen codec."""
+        cfg = self.cfg
+        specs = self._twins(self._specs(4, step, cfg.dit_openings), [cfg.seed, 5, step])
+        times = data.clip_times(1 + TEMPORAL * (cfg.chunk - 1), 0.0, self.device)
+        latents, weight = self._encoded(specs, times)
+        return latents, [s.caption for s in specs], weight
+
+    def _twins(self, specs: list, key: list) -> list:
+        """The specs with the first twin_pairs(len) odd ones redrawn as their even neighbour in another shape."""
+        shapes = np.random.default_rng(key)
+        for k in range(self.twin_pairs(len(specs))):
+            specs[2 * k + 1] = data.reshaped(specs[2 * k], shapes)
+        return specs
+
+    def _encoded(self, specs: list, times: torch.Tensor):
+        """(latents [B, 16, S, h, w], loss weights [B, 1, S, h, w] or None) of the specs rendered at `times`."""
+        cfg = self.cfg
         video = data.render(specs, times, cfg.size, self.device)
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(video).float()
         outline = data.outline(specs, times, cfg.size, self.device) if cfg.dit_outline_weight else None
         weight = (latent_object_weight(video, cfg.dit_object_weight, outline, cfg.dit_outline_weight)
                   if cfg.dit_object_weight or cfg.dit_outline_weight else None)
-        if cfg.dit_sink_weight != 1.0:
-            ones = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=self.device)
-            weight = sink_weighted(ones if weight is None else weight, cfg.sink, cfg.dit_sink_weight)
-        return latents, [s.caption for s in specs], gap, weight
+        return latents, weight
 
     def twin_pairs(self, batch: int) -> int:
         """How many twin pairs lead a batch of this many clips: clips 2k and 2k + 1 for k below it."""
@@ -450,21 +485,39 @@ class Trainer:
             predicted = (noised - s * v.to(noised.dtype)).to(latents.dtype)  # bf16 under autocast: widen
         return torch.cat([predicted, latents[own:]])
 
-    def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int,
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
-        cfg = self.cfg
+    def _noised(self, latents: torch.Tensor):
+        """(noised latents, noise, sigmas [B, F]): each chunk at its own sigma, twin pairs sharing both."""
         b, _, frames = latents.shape[:3]
         pairs = self.twin_pairs(b)
         sigma = self._twinned(self.chunk_sigmas(b, frames), pairs)
         noise = self._twinned(torch.randn(latents.shape, generator=self.generator, device=self.device), pairs)
         s = sigma.view(b, 1, frames, 1, 1)
-        noised = (1 - s) * latents + s * noise
+        return (1 - s) * latents + s * noise, noise, sigma
+
+    @staticmethod
+    def _flow_error(v, noise, latents, weight) -> torch.Tensor:
+        err = (v.to(latents.dtype) - (noise - latents)).pow(2)  # bf16 under autocast: widen
+        return err.mean() if weight is None else (err * weight).mean()
+
+    def dit_loss(self, latents: torch.Tensor, captions: list[str], gap: int,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        noised, noise, sigma = self._noised(latents)
         with self._autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
             context = self.own_context(latents, text, gap)
             v = teacher_forcing_forward(self.transformer, self.processor, context, noised, sigma, text, cfg, gap)
-        err = (v.to(latents.dtype) - (noise - latents)).pow(2)  # bf16 under autocast: widen
-        return err.mean() if weight is None else (err * weight).mean()
+        return self._flow_error(v, noise, latents, weight)
+
+    def opening_loss(self, latents: torch.Tensor, captions: list[str],
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching loss of openings: first chunks drawn from their words alone, no context."""
+        cfg = self.cfg
+        noised, noise, sigma = self._noised(latents)
+        with self._autocast():
+            text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
+            v = teacher_forcing_forward(self.transformer, self.processor, None, noised, sigma, text, cfg, 0)
+        return self._flow_error(v, noise, latents, weight)
 
     def _step(self, loss, opt, params, step, base_lr):
         for g in opt.param_groups:
@@ -497,6 +550,10 @@ class Trainer:
         self.transformer.train()
         self.text_encoder.train()
         loss = self.dit_loss(*batch)
+        if self.cfg.dit_openings:  # every noised latent frame weighs the same, a full clip's or an opening's
+            openings = self.opening_batch(step)
+            full, opening = batch[0].shape[0] * batch[0].shape[2], openings[0].shape[0] * openings[0].shape[2]
+            loss = (loss * full + self.opening_loss(*openings) * opening) / (full + opening)
         params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
         self._step(loss, self.dit_opt, params, step - self.dit_since, self.cfg.dit_lr)
         self.steps["dit"] += 1
@@ -845,6 +902,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-batch", type=int, default=None,
                         help="a new run's clips per DiT step (default 32; tools/sketch-step-times.py says what a "
                              "GPU takes at no extra time per step)")
+    parser.add_argument("--dit-openings", type=int, default=None, metavar="N",
+                        help="a new run's openings per DiT step besides --dit-batch: other clips' first chunk "
+                             "alone, drawn from the words alone as a stream's first chunk is (default 0)")
     parser.add_argument("--codec-batch", type=int, default=None, help="a new run's clips per codec step (default 16)")
     parser.add_argument("--object-scale", type=float, default=None,
                         help="a new run's object radius factor (default 1; 1.5 to 2 give the codec room for "
@@ -896,6 +956,7 @@ def run(args) -> int:
                                ("dit_sink_weight", lambda v: 0.0 < v < float("inf"), "a weight, more than 0"),
                                ("dit_twins", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
                                ("dit_batch", lambda v: v >= 1, "at least one clip"),
+                               ("dit_openings", lambda v: v >= 0, "a count of clips, 0 or more"),
                                ("codec_batch", lambda v: v >= 1, "at least one clip"),
                                ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
                                 f"a radius factor, more than 0 and at most {data.MAX_OBJECT_SCALE:g}")):
