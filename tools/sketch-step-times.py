@@ -2,8 +2,9 @@
 
     python tools/sketch-step-times.py --device cuda --json times.json
 
-For each DiT batch size: the whole step as `Trainer.run` takes it (losses left on the device), the batch
-alone (clips rendered and encoded by the codec: `Trainer.dit_batch`) and the loss's forward alone, each
+For each DiT batch size (and count of openings, --dit-openings): the whole step as `Trainer.run` takes it
+(losses left on the device), the batch alone (clips rendered and encoded by the codec: `Trainer.dit_batch`;
+the openings' `Trainer.opening_batch` apart) and the full clips' loss forward alone, each
 synchronised and averaged over --steps steps after --warmup; then the codec step per codec batch size. Random weights: the time
 does not depend on them. It answers whether a step is bound by the GPU's arithmetic (time grows with the
 batch) or by the host (it does not), which decides the batch sizes of the 25-minute run.
@@ -22,6 +23,20 @@ import torch
 from instrument.sketch.train import Config, Trainer
 
 
+def enqueued(fn, device, steps: int) -> float:
+    """Milliseconds the host takes to queue fn's work, each call from an idle GPU: near `timed`'s figure, the
+    work is bound by the host (Python and kernel launches), not by the GPU."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    total = 0.0
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    sync()
+    return total / steps * 1000.0
+
+
 def timed(fn, device, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -35,23 +50,27 @@ def timed(fn, device, steps: int, warmup: int) -> float:
 
 
 # The trainers below never checkpoint: their output folder is never written.
-def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0) -> dict:
-    trainer = Trainer(tempfile.gettempdir(), Config(dit_batch=batch, dit_outline_weight=outline_weight), device,
-                      progress=lambda *a: None)
+def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0, openings: int = 0) -> dict:
+    config = Config(dit_batch=batch, dit_outline_weight=outline_weight, dit_openings=openings)
+    trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None)
     trainer.codec.eval().requires_grad_(False)
     trainer.stage = "dit"
     fixed = trainer.dit_batch(0)
     step = timed(trainer._dit_step, device, steps, warmup)  # as `run` steps: losses stay on the device
     data = timed(lambda: trainer.dit_batch(trainer.steps["dit"]), device, steps, 1)
+    host = enqueued(lambda: trainer.dit_batch(trainer.steps["dit"]), device, steps)
 
     def forward():
         with torch.no_grad():
             trainer.dit_loss(*fixed)
 
     fwd = timed(forward, device, steps, 1)
+    opening = timed(lambda: trainer.opening_batch(trainer.steps["dit"]), device, steps, 1) if openings else 0.0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return dict(stage="dit", batch=batch, outline_weight=outline_weight, step_ms=round(step, 1),
-                batch_ms=round(data, 1), forward_ms=round(fwd, 1), clips_per_s=round(batch / step * 1000.0, 1), peak_gib=None if peak is None else round(peak, 2))
+    return dict(stage="dit", batch=batch, openings=openings, outline_weight=outline_weight, step_ms=round(step, 1),
+                batch_ms=round(data, 1), batch_host_ms=round(host, 1), openings_batch_ms=round(opening, 1), forward_ms=round(fwd, 1),
+                clips_per_s=round(batch / step * 1000.0, 1), openings_per_s=round(openings / step * 1000.0, 1),
+                peak_gib=None if peak is None else round(peak, 2))
 
 
 def codec_row(batch: int, device: str, steps: int, warmup: int) -> dict:
@@ -68,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-batches", default="32,64,128")
     parser.add_argument("--dit-outline-weights", default="0",
                         help="each DiT batch size timed at each of these --dit-outline-weight values (0: no outline)")
+    parser.add_argument("--dit-openings", default="0",
+                        help="each DiT batch size timed with each of these --dit-openings counts (0: none)")
     parser.add_argument("--codec-batches", default="16,32,64")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -79,11 +100,12 @@ def main(argv=None) -> int:
     rows = []
     for b in (int(x) for x in args.dit_batches.split(",") if x):
         for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
-            rows.append(dit_row(b, args.device, args.steps, args.warmup, w))
-            print(rows[-1], flush=True)
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            for n in (int(x) for x in args.dit_openings.split(",") if x):
+                rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n))
+                print(rows[-1], flush=True)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
     for b in (int(x) for x in args.codec_batches.split(",") if x):
         rows.append(codec_row(b, args.device, args.steps, args.warmup))
         print(rows[-1], flush=True)
