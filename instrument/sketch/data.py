@@ -49,6 +49,7 @@ GROW_PERIOD = 4.0  # seconds for a growing / shrinking object to go through its 
 
 _COLOUR_NAMES = tuple(COLOURS)
 _PALETTE = torch.tensor([COLOURS[c] for c in _COLOUR_NAMES], dtype=torch.float32) / 255.0
+_RGB = dict(zip(_COLOUR_NAMES, _PALETTE.tolist()))  # the same float32 values, read without a tensor op each
 
 
 def _article(word: str) -> str:
@@ -276,29 +277,6 @@ def shape_sdf(shape: str, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _tri(u, length):
-    """Triangle wave: position of a point bouncing between 0 and length."""
-    return length - (torch.remainder(u, 2 * length) - length).abs()
-
-
-def _pose(inst: Instance, t: torch.Tensor):
-    """Centre, radius and angle of an instance at times t (seconds)."""
-    r = torch.full_like(t, inst.radius)
-    if inst.motion == "growing":
-        r = inst.radius * (0.55 + 0.9 * torch.remainder(t / GROW_PERIOD + inst.phase, 1.0))
-    elif inst.motion == "shrinking":
-        r = inst.radius * (1.45 - 0.9 * torch.remainder(t / GROW_PERIOD + inst.phase, 1.0))
-    if inst.motion == "bouncing":
-        lo, span = inst.radius, 1.0 - 2 * inst.radius
-        x = lo + _tri(inst.x - lo + inst.vx * t, span)
-        y = lo + _tri(inst.y - lo + inst.vy * t, span)
-    else:
-        margin = 1.2 * inst.radius  # wrap around just off screen
-        x = -margin + torch.remainder(inst.x + inst.vx * t + margin, 1 + 2 * margin)
-        y = -margin + torch.remainder(inst.y + inst.vy * t + margin, 1 + 2 * margin)
-    return x, y, r, inst.angle + inst.spin * t
-
-
 def upload(tensor: torch.Tensor, device) -> torch.Tensor:
     """A tensor on the device; from the host without waiting: a plain copy from pageable memory makes the host
     wait for all the GPU work queued before it, which would starve the GPU between training steps."""
@@ -308,74 +286,171 @@ def upload(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device)  # already there ("cuda" names the tensor's "cuda:0" too), or no GPU to wait for
 
 
-_PALETTES: dict = {}
-
-
-def _palette(device) -> torch.Tensor:
-    """The palette [colours, 3] on a device, copied there once."""
-    device = torch.device(device)
-    if device not in _PALETTES:
-        _PALETTES[device] = _PALETTE.to(device)
-    return _PALETTES[device]
-
-
-def _background(spec: ClipSpec, size: int, device) -> torch.Tensor:
-    """[3, size, size] in 0..1: shades of the background colour only."""
-    d = spec.description
-    colour = _palette(device)[_COLOUR_NAMES.index(d.background_colour)]
+def _backgrounds(specs: list[ClipSpec], size: int, device) -> torch.Tensor:
+    """[B, 3, size, size] in 0..1: shades of each clip's background colour only. Each kind of background is
+    drawn once for all its clips, so the kernels launched do not grow with the batch: the clips go in order of
+    kind (each kind a slice of every per-clip tensor), and back in their own order at the end."""
+    clips = len(specs)
+    if not clips:
+        return torch.empty(0, 3, size, size, device=device)
+    kinds = [BACKGROUNDS.index(s.description.background) for s in specs]
+    order = sorted(range(clips), key=kinds.__getitem__)
+    table = []
+    for b in order:
+        angle, period, _ = specs[b].background_params
+        colour = _RGB[specs[b].description.background_colour]
+        sharp = period * size / (2 * math.pi)  # antialias the pattern edges over about one pixel
+        table.append([*colour, math.cos(angle), math.sin(angle), period, sharp])
+    noisy = BACKGROUNDS.index("noisy")
+    grids = [torch.rand(1, 1, 7, 7, generator=torch.Generator().manual_seed(int(specs[b].background_params[2])))
+             for b in order if kinds[b] == noisy]  # on the CPU, each from its clip's seed: the same on every device
+    params = upload(torch.cat([torch.tensor(table, dtype=torch.float32).view(-1), *(g.view(-1) for g in grids)]),
+                    device)  # every clip's numbers in one copy
+    table, grids = params[:7 * clips].view(clips, 7, 1, 1), params[7 * clips:].view(-1, 1, 7, 7)
+    colour, cos, sin, period, sharp = table[:, :3], table[:, 3:4], table[:, 4:5], table[:, 5:6], table[:, 6:7]
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
     y, x = torch.meshgrid(coords, coords, indexing="ij")
-    angle, period, noise_seed = spec.background_params
-    u = x * math.cos(angle) + y * math.sin(angle)
-    sharp = period * size / (2 * math.pi)  # antialias the pattern edges over about one pixel
-    if d.background == "plain":
-        v = torch.ones_like(x)
-    elif d.background == "striped":
-        v = (torch.sin(2 * math.pi * u / period) * sharp + 0.5).clamp(0, 1)
-    elif d.background == "checkered":
-        w = -x * math.sin(angle) + y * math.cos(angle)
-        v = (torch.sin(2 * math.pi * u / period) * torch.sin(2 * math.pi * w / period) * sharp + 0.5).clamp(0, 1)
-    elif d.background == "gradient":
-        v = (u - u.min()) / (u.max() - u.min())
-    else:  # noisy: smooth value noise
-        g = torch.Generator().manual_seed(int(noise_seed))
-        grid = upload(torch.rand(1, 1, 7, 7, generator=g), device)  # drawn on the CPU: the same on every device
-        v = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1)
-    return colour.view(3, 1, 1) * (BG_SHADE + (1 - BG_SHADE) * v)
+    u = x * cos + y * sin  # [B, 1, size, size]
+    out = torch.empty(clips, 3, size, size, device=device)
+    start = 0
+    for kind, name in enumerate(BACKGROUNDS):
+        s, start = slice(start, start + kinds.count(kind)), start + kinds.count(kind)
+        if s.start == s.stop:
+            continue
+        if name == "plain":
+            v = torch.ones_like(x)
+        elif name == "striped":
+            v = (torch.sin(2 * math.pi * u[s] / period[s]) * sharp[s] + 0.5).clamp(0, 1)
+        elif name == "checkered":
+            w = -x * sin[s] + y * cos[s]
+            v = (torch.sin(2 * math.pi * u[s] / period[s]) * torch.sin(2 * math.pi * w / period[s]) * sharp[s]
+                 + 0.5).clamp(0, 1)
+        elif name == "gradient":  # each clip's own extremes
+            lo, hi = u[s].amin((2, 3), keepdim=True), u[s].amax((2, 3), keepdim=True)
+            v = (u[s] - lo) / (hi - lo)
+        else:  # noisy: smooth value noise
+            v = F.interpolate(grids, size=(size, size), mode="bicubic", align_corners=True).clamp(0, 1)
+        torch.mul(colour[s], BG_SHADE + (1 - BG_SHADE) * v, out=out[s])
+    return out.index_select(0, upload(torch.tensor(order).argsort(), device))
+
+
+_PIXELS = {"cpu": 2**19, None: 2**27}  # clips (or objects) x frames x size x size drawn at once, by device type
+# On a GPU batching saves kernel launches, and this only bounds the memory (a distance function holds several
+# tensors this large at once, the painting two as large as the video). A CPU has no launches to save, and
+# there pieces that stay in its caches are the fastest.
+
+
+def _pieces(start: int, stop: int, steps: int, size: int, device: torch.device) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of clips, or objects, from start to stop that are drawn together."""
+    per = max(1, _PIXELS.get(device.type, _PIXELS[None]) // max(1, steps * size * size))
+    return [(i, min(i + per, stop)) for i in range(start, stop, per)]
+
+
+class _Objects:
+    """Every object of a batch of clips, posed at its clip's times (moving ones wrap around just off screen,
+    bouncing ones reflect off the walls, growing and shrinking ones cycle through their sizes every
+    GROW_PERIOD), and how much of each pixel a shape covers there, in kernels that do not grow with the batch.
+    The objects are grouped by shape (each shape a slice, clips and their objects in order within it) so that
+    one distance function serves each slice; `rows[k]` picks each clip's k-th object (`count` where a clip has
+    fewer: a row of no cover)."""
+
+    def __init__(self, specs: list[ClipSpec], times: torch.Tensor, size: int):
+        device, steps = times.device, times.shape[1]
+        objects = sorted(((SHAPES.index(inst.shape), b, k, inst) for b, spec in enumerate(specs)
+                          for k, inst in enumerate(spec.instances)), key=lambda o: o[0])
+        self.count, self.size, self.steps = len(objects), size, steps
+        self.depth = max((len(s.instances) for s in specs), default=0)
+        shapes = [o[0] for o in objects]
+        self.spans = [(shape, shapes.index(s), shapes.index(s) + shapes.count(s)) for s, shape in enumerate(SHAPES)
+                      if s in shapes]
+        if not self.count:
+            return
+        table = []
+        rows = [[self.count] * len(specs) for _ in range(self.depth)]
+        colours = [[[0.0] * 3] * len(specs) for _ in range(self.depth)]  # no colour where no object
+        for i, (_, b, k, inst) in enumerate(objects):
+            # The constants are worked out in float64 before becoming float32, as the loop that drew one object at
+            # a time did, so that the clips stay the same to the bit (tests/test_sketch_render.py keeps that loop)
+            grow, scale = {"growing": (0.55, 0.9), "shrinking": (1.45, -0.9)}.get(inst.motion, (1.0, 0.0))
+            if inst.motion == "bouncing":  # lo + a triangle wave of (start + v t) of amplitude span
+                span = 1.0 - 2 * inst.radius
+                lo, x, y, margin, period = inst.radius, inst.x - inst.radius, inst.y - inst.radius, 0.0, 2 * span
+            else:  # -margin + remainder(x + v t + margin, 1 + 2 margin): wrapped around just off screen
+                margin = 1.2 * inst.radius
+                span, lo, x, y, period = 0.0, -margin, inst.x, inst.y, 1 + 2 * margin
+            table.append([inst.radius, grow, scale, inst.phase, inst.angle, inst.spin, inst.vx, inst.vy, x, y, margin,
+                          period, span, lo, float(inst.motion == "bouncing")])
+            rows[k][b] = i
+            colours[k][b] = _RGB[inst.colour]
+        floats = upload(torch.cat([torch.tensor(table, dtype=torch.float32).view(-1),
+                                   torch.tensor(colours, dtype=torch.float32).view(-1)]), device)
+        longs = upload(torch.tensor([o[1] for o in objects] + [i for row in rows for i in row]), device)
+        n = self.count
+        table = floats[:15 * n].view(n, 15, 1)
+        self.colours = floats[15 * n:].view(self.depth, len(specs), 3, 1, 1, 1)
+        clip, self.rows = longs[:n], longs[n:].view(self.depth, len(specs))
+        radius, grow, scale, phase, angle, spin = table[:, :6].unbind(1)  # each [n, 1]
+        velocity, start = table[:, 6:8], table[:, 8:10]  # [n, 2 (x, y), 1]
+        margin, period, span, lo, bouncing = table[:, 10:15, None].unbind(1)  # each [n, 1, 1]
+        t = times.index_select(0, clip)  # [n, T]: each object at its own clip's times
+        r = radius * (torch.remainder(t / GROW_PERIOD + phase, 1.0) * scale + grow)
+        w = torch.remainder(velocity * t[:, None] + start + margin, period)  # [n, 2 (x, y), T]
+        xy = lo + torch.where(bouncing > 0.5, span - (w - span).abs(), w)
+        a = (spin * t + angle).view(n, steps, 1, 1)
+        coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+        self.dx = coords.view(1, 1, 1, size) - xy[:, 0].view(n, steps, 1, 1)  # [n, T, 1, size]
+        self.dy = coords.view(1, 1, size, 1) - xy[:, 1].view(n, steps, 1, 1)  # [n, T, size, 1]
+        self.r, self.cos, self.sin = r.view(n, steps, 1, 1), torch.cos(a), torch.sin(a)
+        self.minus_sin = -self.sin
+
+    def coverage(self, shape: str, start: int, stop: int, out=None) -> torch.Tensor:
+        """[stop - start, T, size, size]: how much of each pixel `shape` covers at those objects' poses."""
+        s = slice(start, stop)
+        cos, sin, r, dx, dy = self.cos[s], self.sin[s], self.r[s], self.dx[s], self.dy[s]
+        px = (cos * dx + sin * dy) / r
+        py = -(self.minus_sin[s] * dx + cos * dy) / r  # image rows point down, the distance functions' y up
+        return torch.clamp(0.5 - shape_sdf(shape, px, py) * r * self.size, 0, 1, out=out)
+
+    def images(self) -> torch.Tensor:
+        """[count + 1, T, size, size] for the objects' images, the last row zero (a clip's missing object)."""
+        images = torch.empty(self.count + 1, self.steps, self.size, self.size, device=self.r.device)
+        images[-1].zero_()
+        return images
 
 
 def render(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
-    """Video [B, 3, T, size, size] in 0..1 (float32) of each spec at `times` (seconds, [T] or [B, T])."""
+    """Video [B, 3, T, size, size] in 0..1 (float32) of each spec at `times` (seconds, [T] or [B, T]). The clips
+    are drawn together, so the kernels launched do not grow with their number (up to _PIXELS)."""
     device = torch.device(device or "cpu")
     times = _clip_times_on(times, len(specs), device)
-    steps = times.shape[1]
-    video = torch.stack([_background(s, size, device) for s in specs])[:, :, None].repeat(1, 1, steps, 1, 1)
-    for b, spec in enumerate(specs):
-        clip = video[b]  # [3, T, H, W], painted in place, objects in order
-        for inst in spec.instances:
-            alpha = _coverage(inst, (inst.shape,), times[b], size)[0]
-            colour = _palette(device)[_COLOUR_NAMES.index(inst.colour)].view(3, 1, 1, 1)
-            clip.mul_(1 - alpha).add_(alpha * colour)
+    video = torch.empty(len(specs), 3, times.shape[1], size, size, device=device)
+    for start, stop in _pieces(0, len(specs), times.shape[1], size, device):
+        _paint(specs[start:stop], times[start:stop], video[start:stop])
     return video
+
+
+def _paint(specs: list[ClipSpec], times: torch.Tensor, video: torch.Tensor) -> None:
+    """Fill video [B, 3, T, size, size] with the clips at times [B, T]: background, then each object over it."""
+    size = video.shape[-1]
+    video.copy_(_backgrounds(specs, size, video.device)[:, :, None].expand_as(video))
+    objects = _Objects(specs, times, size)
+    if not objects.count:
+        return
+    cover = objects.images()
+    for shape, first, last in objects.spans:
+        for start, stop in _pieces(first, last, times.shape[1], size, video.device):
+            objects.coverage(shape, start, stop, out=cover[start:stop])
+    alpha, paint, one = video.new_empty(video.shape[0], 1, *video.shape[2:]), torch.empty_like(video), torch.ones(())
+    for k in range(objects.depth):  # each clip's objects in order, later ones over earlier ones
+        torch.index_select(cover, 0, objects.rows[k], out=alpha[:, 0])
+        torch.mul(alpha, objects.colours[k], out=paint)
+        video.mul_(torch.sub(one, alpha, out=alpha)).add_(paint)  # video (1 - alpha) + alpha colour, no new buffers
 
 
 def _clip_times_on(times, clips: int, device: torch.device) -> torch.Tensor:
     """[clips, T] times on the device, from [T] (shared by every clip) or [clips, T]."""
     times = upload(torch.as_tensor(times, dtype=torch.float32), device)
     return times.expand(clips, -1) if times.ndim == 1 else times
-
-
-def _coverage(inst: Instance, shapes, times: torch.Tensor, size: int) -> torch.Tensor:
-    """[len(shapes), T, size, size]: how much of each pixel these shapes would cover at the instance's pose."""
-    steps, device = times.shape[0], times.device
-    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-    gy, gx = coords.view(1, size, 1), coords.view(1, 1, size)
-    x, y, r, a = (v.view(steps, 1, 1) for v in _pose(inst, times))
-    dx, dy = gx - x, gy - y
-    cos, sin = torch.cos(a), torch.sin(a)
-    px = (cos * dx + sin * dy) / r
-    py = -(-sin * dx + cos * dy) / r  # image rows point down, the distance functions' y up
-    return torch.stack([(0.5 - shape_sdf(s, px, py) * r * size).clamp(0, 1) for s in shapes])
 
 
 def outline(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device=None) -> torch.Tensor:
@@ -386,12 +461,29 @@ def outline(specs: list[ClipSpec], times: torch.Tensor, size: int = SIZE, device
     device = torch.device(device or "cpu")
     times = _clip_times_on(times, len(specs), device)
     out = torch.zeros(len(specs), 1, times.shape[1], size, size, device=device)
-    for b, spec in enumerate(specs):
-        for inst in spec.instances:
-            cover = _coverage(inst, SHAPES, times[b], size)
-            own = cover[SHAPES.index(inst.shape)]
-            out[b, 0] = torch.maximum(out[b, 0], (own - cover.mean(0)).abs())
+    for start, stop in _pieces(0, len(specs), times.shape[1], size, device):
+        _outline(specs[start:stop], times[start:stop], out[start:stop])
     return out
+
+
+def _outline(specs: list[ClipSpec], times: torch.Tensor, out: torch.Tensor) -> None:
+    """`outline` of the clips at times [B, T] into out [B, 1, T, size, size], zero to begin with."""
+    objects = _Objects(specs, times, out.shape[-1])
+    if not objects.count:
+        return
+    apart = objects.images()  # first each object's own coverage, then how far it is from the mean
+    for first, last in _pieces(0, objects.count, objects.steps, objects.size, out.device):
+        total = None
+        for shape in SHAPES:
+            cover = objects.coverage(shape, first, last)
+            for own, start, stop in objects.spans:  # copy out the cover of the objects of this shape
+                start, stop = max(start, first), min(stop, last)
+                if own == shape and start < stop:
+                    apart[start:stop] = cover[start - first:stop - first]
+            total = cover if total is None else total.add_(cover)  # (the first shape's cover is copied out above)
+        torch.abs(apart[first:last] - total / len(SHAPES), out=apart[first:last])
+    for k in range(objects.depth):
+        torch.maximum(out, apart.index_select(0, objects.rows[k])[:, None], out=out)
 
 
 def clip_times(frames: int, start: float = 0.0, device=None) -> torch.Tensor:
