@@ -903,7 +903,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                   "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
-                  "--dit-openings", "3")
+                  "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -913,6 +913,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["shift"] == 1.0 and state["config"]["dit_outline_weight"] == 2.0
     assert state["config"]["dit_sink_weight"] == 3.0 and state["config"]["dit_twins"] == 0.5
     assert state["config"]["dit_openings"] == 3
+    assert state["config"]["transformer"]["patch_size"] == [1, 1, 1]
+    assert state["config"]["transformer"]["num_layers"] == 1
+    exported = json.loads((out / "model" / "transformer" / "config.json").read_text())
+    assert exported["patch_size"] == [1, 1, 1] and exported["num_layers"] == 1
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
@@ -985,6 +989,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     zero = main_here(train.main, "--out", str(tmp_path / "zero"),
                      "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-sink-weight", "0")
     assert zero.returncode == 2 and "--dit-sink-weight 0: a weight, more than 0" in zero.stderr
+    layers = main_here(train.main, "--out", str(tmp_path / "layers"),
+                       "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-layers", "0")
+    assert layers.returncode == 2 and "--dit-layers 0: at least one layer" in layers.stderr
     fewer = main_here(train.main, "--out", str(tmp_path / "fewer"),
                       "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-openings", "-2")
     assert fewer.returncode == 2 and "--dit-openings -2: a count of clips, 0 or more" in fewer.stderr

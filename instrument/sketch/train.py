@@ -906,6 +906,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a new run's openings per DiT step besides --dit-batch: other clips' first chunk "
                              "alone, drawn from the words alone as a stream's first chunk is (default 0)")
     parser.add_argument("--codec-batch", type=int, default=None, help="a new run's clips per codec step (default 16)")
+    parser.add_argument("--dit-patch", type=int, choices=(1, 2, 4), default=None,
+                        help="a new run's DiT patch in latent pixels, height and width (default 2: 8x8 tokens a "
+                             "128x128 frame; 1: 16x16, more tokens to draw an outline with)")
+    parser.add_argument("--dit-layers", type=int, default=None,
+                        help=f"a new run's DiT layers (default {TRANSFORMER['num_layers']}; half of them with "
+                             "--dit-patch 1 keeps 24 FPS on a 2-core CPU)")
     parser.add_argument("--object-scale", type=float, default=None,
                         help="a new run's object radius factor (default 1; 1.5 to 2 give the codec room for "
                              "the shapes' outlines), written to model_index.json")
@@ -965,6 +971,12 @@ def run(args) -> int:
                 if not ok(value):
                     raise UserError(f"--{name.replace('_', '-')} {value:g}: {what}")
                 setattr(cfg, name, value)
+        if args.dit_layers is not None:
+            if args.dit_layers < 1:
+                raise UserError(f"--dit-layers {args.dit_layers}: at least one layer")
+            cfg.transformer = dict(cfg.transformer, num_layers=args.dit_layers)
+        if args.dit_patch is not None:
+            cfg.transformer = dict(cfg.transformer, patch_size=(1, args.dit_patch, args.dit_patch))
         if args.dit_object_weight is not None:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
         if args.upright:
