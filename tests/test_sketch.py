@@ -977,24 +977,17 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     other = main_here(train.main, "--out", str(tmp_path / "other-size"),
                       "--config", "small", "--codec-from", str(out), "--dit-steps", "1")
     assert other.returncode == 2 and "codec of size" in other.stderr and "Traceback" not in other.stderr
-    bad = main_here(train.main, "--out", str(tmp_path / "bad"),
-                    "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--schedule", "1000,250,500")
-    assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr
-    big = main_here(train.main, "--out", str(tmp_path / "big"),
-                    "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--object-scale", "4")
-    assert big.returncode == 2 and "radius factor" in big.stderr and "Traceback" not in big.stderr
-    negative = main_here(train.main, "--out", str(tmp_path / "neg"),
-                         "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-outline-weight", "-1")
-    assert negative.returncode == 2 and "--dit-outline-weight -1" in negative.stderr
-    zero = main_here(train.main, "--out", str(tmp_path / "zero"),
-                     "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-sink-weight", "0")
-    assert zero.returncode == 2 and "--dit-sink-weight 0: a weight, more than 0" in zero.stderr
-    layers = main_here(train.main, "--out", str(tmp_path / "layers"),
-                       "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-layers", "0")
-    assert layers.returncode == 2 and "--dit-layers 0: at least one layer" in layers.stderr
-    fewer = main_here(train.main, "--out", str(tmp_path / "fewer"),
-                      "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", "--dit-openings", "-2")
-    assert fewer.returncode == 2 and "--dit-openings -2: a count of clips, 0 or more" in fewer.stderr
+    for name, option, value, message in (
+            ("bad", "--schedule", "1000,250,500", "decreasing"),
+            ("big", "--object-scale", "4", "radius factor"),
+            ("neg", "--dit-outline-weight", "-1", "--dit-outline-weight -1"),
+            ("zero", "--dit-sink-weight", "0", "--dit-sink-weight 0: a weight, more than 0"),
+            ("layers", "--dit-layers", "0", "--dit-layers 0: at least one layer"),
+            ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more")):
+        refused = main_here(train.main, "--out", str(tmp_path / name),
+                            "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", option, value)
+        assert refused.returncode == 2 and message in refused.stderr, (option, refused.stderr)
+        assert "Traceback" not in refused.stderr
     with pytest.raises(ValueError, match="object scale"):
         data.sample(1, 0.0)
 
