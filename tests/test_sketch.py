@@ -332,6 +332,73 @@ def test_openings_join_each_step_weighed_by_their_frames(tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], p) for k, p in trainer._dit_params().items())
 
 
+def _opening_forward_inputs(trainer, monkeypatch, latents, captions):
+    """(the loss, the noised input, the sigmas and the velocity) of one opening_loss call, the forward spied on."""
+    seen = {}
+    real = train.teacher_forcing_forward
+
+    def spy(model, processor, clean, noised, sigmas, text, cfg, gap):
+        seen["v"] = real(model, processor, clean, noised, sigmas, text, cfg, gap)
+        seen["noised"], seen["sigmas"] = noised.detach().clone(), sigmas.detach().clone()
+        return seen["v"]
+
+    monkeypatch.setattr(train, "teacher_forcing_forward", spy)
+    with torch.no_grad():
+        loss = trainer.opening_loss(latents, captions)
+    return loss, seen["noised"], seen["sigmas"], seen["v"]
+
+
+def test_opening_sigma_floor_noises_each_opening_above_it(tmp_path, monkeypatch):
+    """opening_sigma_floor: an opening's sigma is uniform in [floor, 1], one per opening, twin pairs sharing it;
+    full clips are noised as before."""
+    cfg = Config.tiny()
+    cfg.dit_openings, cfg.dit_twins, cfg.opening_sigma_floor = 64, 0.5, 0.8
+    trainer = Trainer(tmp_path, cfg, progress=quiet)
+    latents, captions, _ = trainer.opening_batch(int(np.random.default_rng().integers(0, 10**6)))
+    _, _, sigmas, _ = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    assert sigmas.shape == (64, 2) and torch.equal(sigmas[:, 0], sigmas[:, 1])
+    assert bool((sigmas >= 0.8).all() and (sigmas <= 1.0).all())
+    assert sigmas[:, 0].unique().numel() > 32 + 8 and float(sigmas.min()) < 0.85 and float(sigmas.max()) > 0.95
+    assert torch.equal(sigmas[1:32:2], sigmas[0:32:2])  # 16 twin pairs
+    full = trainer.chunk_sigmas(256, 6)  # the full clips' draw does not know the floor
+    assert float(full.min()) < 0.5
+
+
+def test_opening_swap_noises_each_twin_from_the_others_outline_and_targets_its_own(tmp_path, monkeypatch):
+    """opening_swap: a twin pair noised at sigma >= SWAP_MIN_SIGMA gets each other's noised latents as input (the
+    same noise, the twin's outline) and a velocity target that leads from that input to its own latents, so the
+    loss is the float64 flow error (v - (input - x0) / sigma)^2; pairs below that sigma and clips outside pairs
+    are noised as usual; off, nothing is exchanged."""
+    cfg = Config.tiny()
+    cfg.dit_openings, cfg.dit_twins, cfg.opening_swap = 6, 0.7, True  # pairs (0, 1) and (2, 3); 4 and 5 alone
+    trainer = Trainer(tmp_path, cfg, progress=quiet)
+    assert train.SWAP_MIN_SIGMA == 0.5
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(0, 2**31)))
+    latents = torch.randn(6, 16, 2, 4, 4, generator=g)
+    captions = [data.sample(int(x)).caption for x in torch.randint(0, 10**6, (6,), generator=g)]
+    drawn = 0.5 + 0.5 * torch.rand(1, generator=g)
+    per_clip = torch.tensor([drawn.item(), drawn.item(), 0.3, 0.3, 0.9, 0.6]).view(6, 1).expand(6, 2)
+    monkeypatch.setattr(trainer, "chunk_sigmas", lambda b, f: per_clip.clone())
+
+    def scaled_noise(x, k, source):  # the noise part of input k, taking clip `source`'s latents out
+        s = float(per_clip[k, 0])
+        return (x[k] - (1 - s) * latents[source]).double()
+
+    loss, given, sigmas, v = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    torch.testing.assert_close(sigmas, per_clip)
+    torch.testing.assert_close(scaled_noise(given, 0, 1), scaled_noise(given, 1, 0), rtol=0, atol=1e-5)  # swapped
+    assert not torch.allclose(scaled_noise(given, 0, 0), scaled_noise(given, 1, 1), atol=1e-3)
+    torch.testing.assert_close(scaled_noise(given, 2, 2), scaled_noise(given, 3, 3), rtol=0, atol=1e-5)  # below 0.5
+    assert not torch.allclose(scaled_noise(given, 4, 4), scaled_noise(given, 5, 5), atol=1e-3)  # not a pair
+    s = per_clip.double().view(6, 1, 2, 1, 1)
+    want = (v.double() - (given.double() - latents.double()) / s).pow(2).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+
+    trainer.cfg.opening_swap = False
+    _, plain, _, _ = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    torch.testing.assert_close(scaled_noise(plain, 0, 0), scaled_noise(plain, 1, 1), rtol=0, atol=1e-5)
+
+
 def test_each_stage_overfits_a_fixed_batch(tmp_path):
     trainer = Trainer(tmp_path, Config.tiny())
     video = trainer.codec_batch(0)
@@ -983,7 +1050,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
             ("neg", "--dit-outline-weight", "-1", "--dit-outline-weight -1"),
             ("zero", "--dit-sink-weight", "0", "--dit-sink-weight 0: a weight, more than 0"),
             ("layers", "--dit-layers", "0", "--dit-layers 0: at least one layer"),
-            ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more")):
+            ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more"),
+            ("floor", "--opening-sigma-floor", "1", "--opening-sigma-floor 1: a sigma, 0 or more and under 1"),
+            ("swap", "--opening-swap", "--dit-openings=4", "--opening-swap exchanges the outlines of twin-pair")):
         refused = main_here(train.main, "--out", str(tmp_path / name),
                             "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", option, value)
         assert refused.returncode == 2 and message in refused.stderr, (option, refused.stderr)

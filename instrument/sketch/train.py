@@ -60,6 +60,7 @@ TEXT_ENCODER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, r
                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 CODEC = dict(widths=(24, 48), latent_width=96, z_dim=16)
 MAX_BYTES = 25 * 10**6
+SWAP_MIN_SIGMA = 0.5  # Config.opening_swap's lowest sigma
 
 
 @dataclass
@@ -122,6 +123,13 @@ class Config:
     # shape word or another (README): the outline is decided from the words alone above about 0.8, and an
     # opening below that teaches the shape word nothing. 0: openings are noised as full clips are.
     opening_sigma_floor: float = 0.0
+    # Twin-pair openings noised from each other's latents: a clip's caption and target, its twin's outline (the
+    # same pose, another shape) under the noise. In every other clip the noised frames and the caption agree,
+    # so the model learns to copy the outline it sees and not to draw the one it is told (the shipped model's
+    # clean prediction from a clip noised to sigma 0.8 keeps that clip's shape in 24 of 40 cases with another
+    # shape word, and shows the word's in 3: README). Here only the word gives the outline. Pairs noised below
+    # sigma SWAP_MIN_SIGMA are left as they are: the target's (x_t - x0) / sigma grows without bound there.
+    opening_swap: bool = False
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
     # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
@@ -185,6 +193,7 @@ class Config:
         obj.setdefault("dit_twins", 0.0)
         obj.setdefault("dit_openings", 0)
         obj.setdefault("opening_sigma_floor", 0.0)
+        obj.setdefault("opening_swap", False)
         obj.setdefault("self_context", 0.0)
         obj.setdefault("object_scale", 1.0)
         obj.setdefault("upright", False)
@@ -527,10 +536,27 @@ class Trainer:
         """The flow-matching loss of openings: first chunks drawn from their words alone, no context."""
         cfg = self.cfg
         noised, noise, sigma = self._noised(latents, cfg.opening_sigma_floor)
+        if cfg.opening_swap:
+            noised, noise = self._swapped(latents, noised, noise, sigma)
         with self._autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
             v = teacher_forcing_forward(self.transformer, self.processor, None, noised, sigma, text, cfg, 0)
         return self._flow_error(v, noise, latents, weight)
+
+    def _swapped(self, latents, noised, noise, sigma):
+        """(noised, noise) with each twin pair's noised latents exchanged where the pair's sigma is at least
+        SWAP_MIN_SIGMA, and the noise that then takes each clip's input to its own latents: input = (1 - s) x0 +
+        s noise, so the velocity target noise - x0 leads from the twin's outline to the clip's."""
+        pairs = self.twin_pairs(latents.shape[0])
+        if not pairs:
+            return noised, noise
+        index = torch.arange(latents.shape[0], device=latents.device)
+        index[0:2 * pairs:2] += 1
+        index[1:2 * pairs:2] -= 1
+        s = sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
+        swap = (s >= SWAP_MIN_SIGMA) & (torch.arange(latents.shape[0], device=latents.device) < 2 * pairs).view(-1, 1, 1, 1, 1)
+        given = torch.where(swap, noised[index], noised)
+        return given, (given - (1 - s) * latents) / s
 
     def _step(self, loss, opt, params, step, base_lr):
         for g in opt.param_groups:
@@ -921,6 +947,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opening-sigma-floor", type=float, default=None, metavar="S",
                         help="a new run's openings are noised to a sigma uniform in [S, 1], where only the words "
                              "tell the outline (default 0: as full clips are)")
+    parser.add_argument("--opening-swap", action="store_true",
+                        help="a new run noises each twin-pair opening from its twin's latents (the same pose, another "
+                             "shape), so that only the shape word tells the outline (needs --dit-twins)")
     parser.add_argument("--codec-batch", type=int, default=None, help="a new run's clips per codec step (default 16)")
     parser.add_argument("--dit-patch", type=int, choices=(1, 2, 4), default=None,
                         help="a new run's DiT patch in latent pixels, height and width (default 2: 8x8 tokens a "
@@ -998,6 +1027,11 @@ def run(args) -> int:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
         if args.upright:
             cfg.upright = True
+        if args.opening_swap:
+            if not (cfg.dit_twins and cfg.dit_openings):
+                raise UserError("--opening-swap exchanges the outlines of twin-pair openings: give --dit-twins and "
+                                "--dit-openings too")
+            cfg.opening_swap = True
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
