@@ -18,6 +18,7 @@ from instrument.sketch import data, evaluate, train
 from instrument.sketch.codec import Codec, SketchStreamingDecoder
 from instrument.engine.default import TRAINED
 from instrument.engine.stream import Engine
+from instrument.engine.vae import to_uint8_frames
 from instrument.progress import quiet
 from instrument.sketch.train import Config, Trainer, teacher_forcing_forward, MAX_BYTES
 
@@ -570,7 +571,7 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     out, strip = tmp_path / "eval.json", tmp_path / "strip.png"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
                         "--captions", "3", "--long", "40", "--long-captions", "1", "--ablations", "2",
-                        "--shape-frames", "100", "--json", str(out), "--strip", str(strip)],
+                        "--shape-frames", "100", "--denoise-captions", "2", "--json", str(out), "--strip", str(strip)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
@@ -584,6 +585,10 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
         shapes_read = report[f"shape_following_{source}"]
         assert shapes_read["captions"] == 3 and 0.0 <= shapes_read["shape"] <= 1.0
     assert 0.0 <= report["shape_reader"]["accuracy_sharp"] <= 1.0
+    denoising = report["shape_denoising"]
+    assert denoising["captions"] == 2 and denoising["sigmas"] == list(evaluate.DENOISE_SIGMAS)
+    assert all(len(denoising[k]) == len(evaluate.DENOISE_SIGMAS) and all(0 <= x <= 2 for x in denoising[k])
+               for k in ("own", "swapped_keeps_clip", "swapped_shows_word"))
     long = report["coherence"][0]
     assert long["frames"] >= 40 and long["finite"] and long["chunks"] == -(-(long["frames"] - 9) // 12) + 1
     words = report["word_use"]
@@ -1188,3 +1193,33 @@ def test_the_shape_reader_reads_outlines_wherever_and_however_large_they_are():
     for row, spec in zip(r["rows"], shapes.single_object_specs(evaluate.HELD_OUT, 6)):
         video = evaluate.clip_video(None, spec, 5, "clips", data.SIZE)
         assert row["shape"] == data.majority([reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)])
+
+
+def test_shape_denoising_reads_the_models_clean_prediction_at_each_sigma():
+    """shape_denoising, on the shipped model: at sigma 0 the clean prediction is the clip's own latents, so
+    both captions read what the codec alone keeps; at a higher sigma each reading is the reader's majority
+    over the decoded predict_clean of that caption, and the counts are those of the rows."""
+    from instrument.sketch import shapes
+
+    engine = Engine.load(str(TRAINED), progress=quiet)
+    reader = shapes.train(frames=800, epochs=8, seed=int(torch.randint(0, 1000, ())))
+    sigma = float(np.random.default_rng().uniform(0.5, 0.9))
+    r = evaluate.shape_denoising(engine, reader, captions=3, sigmas=(0.0, sigma))
+    assert r["captions"] == 3 and len(r["rows"]) == 3 and r["sigmas"] == [0.0, sigma]
+    for row in r["rows"]:
+        assert row["own"][0] == row["swapped"][0] == row["codec"]
+        assert row["swapped_to"] != row["shape"] and row["swapped_to"] in data.SHAPES
+    for i in range(2):
+        assert r["own"][i] == sum(row["own"][i] == row["shape"] for row in r["rows"])
+        assert r["swapped_keeps_clip"][i] == sum(row["swapped"][i] == row["shape"] for row in r["rows"])
+        assert r["swapped_shows_word"][i] == sum(row["swapped"][i] == row["swapped_to"] for row in r["rows"])
+    spec = shapes.single_object_specs(evaluate.HELD_OUT + 2 * 10**6, 1, 2.0, True)[0]
+    assert spec.caption == r["rows"][0]["caption"]
+    codec = engine.components.vae
+    with torch.no_grad():
+        z = codec.encode(data.render([spec], data.clip_times(9))).float()
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+        x0 = engine.stream(spec.caption, chunk=3).predict_clean((1 - sigma) * z + sigma * noise, sigma)
+        video = to_uint8_frames(codec.decode(x0).float())
+    want = data.majority([reader.read_mask(data.object_mask(f, spec.instances[0].colour)) for f in data.frames_of(video)])
+    assert r["rows"][0]["own"][1] == want

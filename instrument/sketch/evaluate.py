@@ -25,6 +25,11 @@ model would reach on the same captions, and the clips through the codec, encoded
 - word use: the DiT's clean prediction for noised held-out clips with the caption's own words against the
   same caption with one word swapped (object colour, shape, background colour): whether the model uses
   that kind of word at all, without training a reader or streaming.
+- shape denoising: held-out single-object clips noised to each of several sigmas; the shape reader reads the
+  DiT's clean prediction (decoded), with the caption's own shape word and with another: how far up the
+  noise the model keeps the clip's outline, and whether a shape word ever overrides the outline it sees.
+  It places a shape failure: a model that keeps outlines at low noise and ignores the word at all noise
+  levels draws the right shape only by chance in a stream, whose outline is decided at high noise.
 - word ablation: a colour word's cross-attention taken away (cross.gain 0 on its tokens, every layer and
   step); that colour's share of the frame before and after, and mix 0 giving the unbent frames exactly.
 """
@@ -293,6 +298,58 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
             "ratio": ratio}
 
 
+DENOISE_SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
+
+
+def _read_shape(reader, video, colour: str) -> str | None:
+    return data.majority([reader.read_mask(data.object_mask(f, colour)) for f in data.frames_of(video)])
+
+
+def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, progress=None) -> dict:
+    """Per sigma, of `captions` held-out single-object clips (their first chunk, through the codec, noised with
+    fixed noise): how often the shape reader reads the clip's own shape in the decoded clean prediction
+    (`Stream.predict_clean`) with the caption's words (`own`), and with the shape word swapped for another,
+    the clip's shape (`swapped_keeps_clip`) or the word's (`swapped_shows_word`). `codec` counts the clips
+    whose shape the codec alone keeps, the ceiling of `own`."""
+    from .shapes import single_object_specs
+
+    progress = progress or Progress(enabled=False)
+    codec = engine.components.vae
+    device = next(codec.parameters()).device
+    frames = 1 + 2 * TEMPORAL  # the first chunk of 3 latent frames
+    rng = np.random.default_rng(0)
+    counts = {k: [0] * len(sigmas) for k in ("own", "swapped_keeps_clip", "swapped_shows_word")}
+    rows, kept = [], 0
+    specs = single_object_specs(HELD_OUT + 2 * 10**6, captions, *_drawing(engine, None))
+    for j, spec in enumerate(specs):
+        truth = spec.instances[0]
+        swapped = swap_word(spec, "shape", rng)
+        word = data.describe(swapped).groups[0].shape
+        row = {"caption": spec.caption, "shape": truth.shape, "swapped_to": word, "own": [], "swapped": []}
+        with torch.no_grad():
+            clip = data.render([spec], data.clip_times(frames), engine.default_size[0]).to(device)
+            z = codec.encode(clip).float()
+            row["codec"] = _read_shape(reader, to_uint8_frames(codec.decode(z).float()).cpu(), truth.colour)
+            kept += row["codec"] == truth.shape
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
+            for name, prompt in (("own", spec.caption), ("swapped", swapped)):
+                stream = engine.stream(prompt, chunk=3)
+                for i, sigma in enumerate(sigmas):
+                    x0 = stream.predict_clean((1 - sigma) * z + sigma * noise, sigma)
+                    read = _read_shape(reader, to_uint8_frames(codec.decode(x0.to(device)).float()).cpu(),
+                                       truth.colour)
+                    row[name].append(read)
+                    if name == "own":
+                        counts["own"][i] += read == truth.shape
+                    else:
+                        counts["swapped_keeps_clip"][i] += read == truth.shape
+                        counts["swapped_shows_word"][i] += read == word
+        rows.append(row)
+        if (j + 1) % 10 == 0:
+            progress(f"shape denoising: {j + 1}/{captions} captions")
+    return {"captions": captions, "sigmas": list(sigmas), "codec": kept, **counts, "rows": rows}
+
+
 def ablation_patch(word: str) -> str:
     return (f'name = "ablate {word}"\n\n[[bend]]\nname = "ablate"\nop = "cross.gain"\ntokens = "{word}"\n'
             "gain = 0.0\n")
@@ -380,7 +437,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "model's (what a codec keeps of larger objects)")
     parser.add_argument("--upright", action="store_true",
                         help="draw the held-out clips' objects starting at angle 0, whatever the model was trained on")
-    parser.add_argument("--only", default="reference,codec,following,shapes,words,coherence,ablation,strip",
+    parser.add_argument("--denoise-captions", type=int, default=40,
+                        help="held-out clips for shape denoising (--only denoising)")
+    parser.add_argument("--only", default="reference,codec,following,shapes,denoising,words,coherence,ablation,strip",
                         help="which measurements, comma-separated")
 
 
@@ -423,10 +482,12 @@ def run(args) -> int:
         progress(f"prompt following on {r['captions']} held-out captions: object colour {r['object_colour']:.1%}, "
                  f"background {r['background_colour']:.1%}, both {r['both']:.1%}; the object's colour shows in "
                  f"{r['object_frames']:.1%} of the frames")
-    if "shapes" in only:
+    reader = None
+    if "shapes" in only or "denoising" in only:
         from . import shapes
 
         reader = shapes.train(frames=args.shape_frames, progress=progress)
+    if "shapes" in only:
         checked = min(1000, args.shape_frames)
         report["shape_reader"] = {"accuracy_blurred": shapes.accuracy(reader, checked),
                                   "accuracy_sharp": shapes.accuracy(reader, checked, max_blur=0.0)}
@@ -444,6 +505,14 @@ def run(args) -> int:
         progress("word use (error with the word swapped / with the caption's own, at sigma "
                  + ", ".join(f"{s:g}" for s in r["sigmas"]) + "): "
                  + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v) for k, v in r["ratio"].items()))
+    if "denoising" in only and isinstance(engine.components.vae, Codec):
+        r = report["shape_denoising"] = shape_denoising(engine, reader, args.denoise_captions, progress=progress)
+        n = r["captions"]
+        progress(f"shape denoising ({n} clips, the codec alone keeps {r['codec']}), at sigma "
+                 + ", ".join(f"{s:g}" for s in r["sigmas"]) + ": own word keeps the shape "
+                 + ", ".join(map(str, r["own"])) + "; another word: keeps it "
+                 + ", ".join(map(str, r["swapped_keeps_clip"])) + ", shows the word's "
+                 + ", ".join(map(str, r["swapped_shows_word"])))
     if "coherence" in only:
         report["coherence"] = []
         for j, spec in enumerate(held_out_specs(args.long_captions)):
