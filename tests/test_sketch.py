@@ -975,7 +975,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--codec-steps", "1", "--dit-steps", "1", "--shift", "1", "--sampler", "renoise",
                   "--schedule", "1000,900,700,300", "--object-scale", "1.5", "--upright",
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
-                  "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1")
+                  "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
+                  "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
+                  "--opening-swap")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -987,8 +989,11 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["dit_openings"] == 3
     assert state["config"]["transformer"]["patch_size"] == [1, 1, 1]
     assert state["config"]["transformer"]["num_layers"] == 1
+    assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
+    assert state["config"]["opening_swap"] is True
     exported = json.loads((out / "model" / "transformer" / "config.json").read_text())
     assert exported["patch_size"] == [1, 1, 1] and exported["num_layers"] == 1
+    assert (exported["num_attention_heads"], exported["attention_head_dim"], exported["ffn_dim"]) == (3, 12, 40)
     trainer = Trainer(tmp_path / "again", Config.from_json(state["config"]))
     assert torch.allclose(trainer.sigmas, torch.tensor([1.0, 0.9, 0.7, 0.3]))  # shift 1: sigma = t / 1000
     # the run drew objects 1.5 times the default size; the model folder says so, and its evaluation draws so
@@ -1055,6 +1060,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
             ("neg", "--dit-outline-weight", "-1", "--dit-outline-weight -1"),
             ("zero", "--dit-sink-weight", "0", "--dit-sink-weight 0: a weight, more than 0"),
             ("layers", "--dit-layers", "0", "--dit-layers 0: at least one layer"),
+            ("heads", "--dit-heads", "0", "--dit-heads 0: at least one head"),
+            ("odd", "--dit-head-dim", "15", "--dit-head-dim 15: even and at least 8"),
+            ("ffn", "--dit-ffn", "0", "--dit-ffn 0: at least 1"),
+            ("lr", "--dit-lr", "0", "--dit-lr 0: a learning rate"),
             ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more"),
             ("floor", "--opening-sigma-floor", "1", "--opening-sigma-floor 1: a sigma, 0 or more and under 1"),
             ("swap", "--opening-swap", "--dit-openings=4", "--opening-swap exchanges the outlines of twin-pair")):

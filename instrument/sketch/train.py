@@ -957,6 +957,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-layers", type=int, default=None,
                         help=f"a new run's DiT layers (default {TRANSFORMER['num_layers']}; half of them with "
                              "--dit-patch 1 keeps 24 FPS on a 2-core CPU)")
+    parser.add_argument("--dit-heads", type=int, default=None,
+                        help=f"a new run's DiT attention heads (default {TRANSFORMER['num_attention_heads']}; the "
+                             "width is heads x head dim)")
+    parser.add_argument("--dit-head-dim", type=int, default=None,
+                        help=f"a new run's DiT head dimension, even (default {TRANSFORMER['attention_head_dim']}; "
+                             "a third of it carries each spatial axis' rotary position)")
+    parser.add_argument("--dit-ffn", type=int, default=None,
+                        help=f"a new run's DiT feed-forward width (default {TRANSFORMER['ffn_dim']})")
+    parser.add_argument("--dit-lr", type=float, default=None,
+                        help="a new run's DiT learning rate (default 3e-4)")
     parser.add_argument("--object-scale", type=float, default=None,
                         help="a new run's object radius factor (default 1; 1.5 to 2 give the codec room for "
                              "the shapes' outlines), written to model_index.json")
@@ -1009,6 +1019,7 @@ def run(args) -> int:
                                ("dit_batch", lambda v: v >= 1, "at least one clip"),
                                ("dit_openings", lambda v: v >= 0, "a count of clips, 0 or more"),
                                ("opening_sigma_floor", lambda v: 0.0 <= v < 1.0, "a sigma, 0 or more and under 1"),
+                               ("dit_lr", lambda v: 0.0 < v < 1.0, "a learning rate, more than 0 and under 1"),
                                ("codec_batch", lambda v: v >= 1, "at least one clip"),
                                ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
                                 f"a radius factor, more than 0 and at most {data.MAX_OBJECT_SCALE:g}")):
@@ -1023,6 +1034,15 @@ def run(args) -> int:
             cfg.transformer = dict(cfg.transformer, num_layers=args.dit_layers)
         if args.dit_patch is not None:
             cfg.transformer = dict(cfg.transformer, patch_size=(1, args.dit_patch, args.dit_patch))
+        for option, key, ok, what in (("dit_heads", "num_attention_heads", lambda v: v >= 1, "at least one head"),
+                                      ("dit_head_dim", "attention_head_dim", lambda v: v >= 8 and v % 2 == 0,
+                                       "even and at least 8"),
+                                      ("dit_ffn", "ffn_dim", lambda v: v >= 1, "at least 1")):
+            value = getattr(args, option)
+            if value is not None:
+                if not ok(value):
+                    raise UserError(f"--{option.replace('_', '-')} {value}: {what}")
+                cfg.transformer = dict(cfg.transformer, **{key: value})
         if args.dit_object_weight is not None:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
         if args.upright:
