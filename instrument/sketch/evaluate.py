@@ -254,6 +254,19 @@ def swap_word(spec: data.ClipSpec, kind: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+FIRST_CHUNK = 3  # latent frames: the chunk a stream draws first, from its words alone
+
+
+def _first_chunk(engine, spec: data.ClipSpec, seed: int):
+    """(the clip's first chunk of video frames [1, 3, T, H, W] on the host, its latents through the model's codec,
+    fixed noise of their shape from `seed`): what word_use and shape_denoising noise and hand to the DiT."""
+    codec = engine.components.vae
+    clip = data.render([spec], data.clip_times(1 + (FIRST_CHUNK - 1) * TEMPORAL), engine.default_size[0])
+    z = codec.encode(clip.to(next(codec.parameters()).device)).float()
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z.device)
+    return clip, z, noise
+
+
 def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> dict:
     """How much the DiT relies on each kind of caption word. Held-out single-object clips (their first chunk,
     through the codec) are noised to each sigma with fixed noise; the error of the model's clean prediction
@@ -264,25 +277,20 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
     from .shapes import single_object_specs
 
     progress = progress or Progress(enabled=False)
-    codec = engine.components.vae
-    chunk = 3
-    frames = 1 + (chunk - 1) * TEMPORAL  # the first chunk's video frames
     rng = np.random.default_rng(0)
     sums = {k: np.zeros((2, len(sigmas))) for k in ("own", *SWAPS)}  # [object, background] error per sigma
     specs = single_object_specs(HELD_OUT + 10**6, captions, *_drawing(engine, None))
     for j, spec in enumerate(specs):
         with torch.no_grad():
-            times = data.clip_times(frames)
-            clip = data.render([spec], times, engine.default_size[0])
+            clip, z, noise = _first_chunk(engine, spec, j)
             empty = data.ClipSpec(spec.seed, spec.description, (), spec.background_params)
+            times = data.clip_times(clip.shape[2])
             shows = (clip - data.render([empty], times, engine.default_size[0])).abs().amax(1, keepdim=True)
             # a latent pixel shows the object when any video pixel it encodes does
             on_object = (latent_max(shows) > 0.05).float()[0, 0].to(engine.device)
-            z = codec.encode(clip.to(next(codec.parameters()).device)).float()
-            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
             prompts = {"own": spec.caption, **{k: swap_word(spec, k, rng) for k in SWAPS}}
             for name, prompt in prompts.items():
-                stream = engine.stream(prompt, chunk=chunk)
+                stream = engine.stream(prompt, chunk=FIRST_CHUNK)
                 for i, sigma in enumerate(sigmas):
                     x0 = stream.predict_clean((1 - sigma) * z + sigma * noise, sigma)
                     err = (x0 - z).pow(2).mean(dim=1)[0]  # [F, h, w]
@@ -292,7 +300,7 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
             progress(f"word use: {j + 1}/{captions} captions")
     where = {"colour": 0, "shape": 0, "background": 1}  # the object's latent pixels, or the background's
     ratio = {k: (sums[k][where[k]] / sums["own"][where[k]]).round(4).tolist() for k in SWAPS}
-    return {"captions": captions, "sigmas": list(sigmas), "chunk_frames": frames,
+    return {"captions": captions, "sigmas": list(sigmas), "chunk_frames": 1 + (FIRST_CHUNK - 1) * TEMPORAL,
             "error_object": {k: (v[0] / captions).tolist() for k, v in sums.items()},
             "error_background": {k: (v[1] / captions).tolist() for k, v in sums.items()},
             "ratio": ratio}
@@ -316,7 +324,6 @@ def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, p
     progress = progress or Progress(enabled=False)
     codec = engine.components.vae
     device = next(codec.parameters()).device
-    frames = 1 + 2 * TEMPORAL  # the first chunk of 3 latent frames
     rng = np.random.default_rng(0)
     counts = {k: [0] * len(sigmas) for k in ("own", "swapped_keeps_clip", "swapped_shows_word")}
     rows, kept = [], 0
@@ -327,13 +334,11 @@ def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, p
         word = data.describe(swapped).groups[0].shape
         row = {"caption": spec.caption, "shape": truth.shape, "swapped_to": word, "own": [], "swapped": []}
         with torch.no_grad():
-            clip = data.render([spec], data.clip_times(frames), engine.default_size[0]).to(device)
-            z = codec.encode(clip).float()
+            _, z, noise = _first_chunk(engine, spec, j)
             row["codec"] = _read_shape(reader, to_uint8_frames(codec.decode(z).float()).cpu(), truth.colour)
             kept += row["codec"] == truth.shape
-            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
             for name, prompt in (("own", spec.caption), ("swapped", swapped)):
-                stream = engine.stream(prompt, chunk=3)
+                stream = engine.stream(prompt, chunk=FIRST_CHUNK)
                 for i, sigma in enumerate(sigmas):
                     x0 = stream.predict_clean((1 - sigma) * z + sigma * noise, sigma)
                     read = _read_shape(reader, to_uint8_frames(codec.decode(x0.to(device)).float()).cpu(),
@@ -483,7 +488,7 @@ def run(args) -> int:
                  f"background {r['background_colour']:.1%}, both {r['both']:.1%}; the object's colour shows in "
                  f"{r['object_frames']:.1%} of the frames")
     reader = None
-    if "shapes" in only or "denoising" in only:
+    if "shapes" in only or ("denoising" in only and isinstance(engine.components.vae, Codec)):
         from . import shapes
 
         reader = shapes.train(frames=args.shape_frames, progress=progress)
