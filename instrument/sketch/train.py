@@ -550,12 +550,13 @@ class Trainer:
         pairs = self.twin_pairs(latents.shape[0])
         if not pairs:
             return noised, noise
-        index = torch.arange(latents.shape[0], device=latents.device)
-        index[0:2 * pairs:2] += 1
-        index[1:2 * pairs:2] -= 1
+        clips = torch.arange(latents.shape[0], device=latents.device)
+        twin = clips.clone()
+        twin[0:2 * pairs:2] += 1
+        twin[1:2 * pairs:2] -= 1
         s = sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
-        swap = (s >= SWAP_MIN_SIGMA) & (torch.arange(latents.shape[0], device=latents.device) < 2 * pairs).view(-1, 1, 1, 1, 1)
-        given = torch.where(swap, noised[index], noised)
+        swap = (s >= SWAP_MIN_SIGMA) & (clips < 2 * pairs).view(-1, 1, 1, 1, 1)
+        given = torch.where(swap, noised[twin], noised)
         return given, (given - (1 - s) * latents) / s
 
     def _step(self, loss, opt, params, step, base_lr):
@@ -1011,38 +1012,34 @@ def run(args) -> int:
             cfg.sampler = args.sampler
         if args.schedule is not None:
             cfg.schedule = parse_schedule(args.schedule)
-        for name, ok, what in (("sigma_uniform", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
-                               ("self_context", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
-                               ("dit_outline_weight", lambda v: 0.0 <= v < float("inf"), "a weight, 0 or more"),
-                               ("dit_sink_weight", lambda v: 0.0 < v < float("inf"), "a weight, more than 0"),
-                               ("dit_twins", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1"),
-                               ("dit_batch", lambda v: v >= 1, "at least one clip"),
-                               ("dit_openings", lambda v: v >= 0, "a count of clips, 0 or more"),
-                               ("opening_sigma_floor", lambda v: 0.0 <= v < 1.0, "a sigma, 0 or more and under 1"),
-                               ("dit_lr", lambda v: 0.0 < v < 1.0, "a learning rate, more than 0 and under 1"),
-                               ("codec_batch", lambda v: v >= 1, "at least one clip"),
-                               ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
-                                f"a radius factor, more than 0 and at most {data.MAX_OBJECT_SCALE:g}")):
+        # (option, accepted, what it must be, and the transformer config key it sets, or None: the Config field)
+        for name, ok, what, key in (
+                ("sigma_uniform", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1", None),
+                ("self_context", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1", None),
+                ("dit_outline_weight", lambda v: 0.0 <= v < float("inf"), "a weight, 0 or more", None),
+                ("dit_sink_weight", lambda v: 0.0 < v < float("inf"), "a weight, more than 0", None),
+                ("dit_twins", lambda v: 0.0 <= v <= 1.0, "a share, between 0 and 1", None),
+                ("dit_batch", lambda v: v >= 1, "at least one clip", None),
+                ("dit_openings", lambda v: v >= 0, "a count of clips, 0 or more", None),
+                ("opening_sigma_floor", lambda v: 0.0 <= v < 1.0, "a sigma, 0 or more and under 1", None),
+                ("dit_lr", lambda v: 0.0 < v < 1.0, "a learning rate, more than 0 and under 1", None),
+                ("codec_batch", lambda v: v >= 1, "at least one clip", None),
+                ("object_scale", lambda v: 0.0 < v <= data.MAX_OBJECT_SCALE,
+                 f"a radius factor, more than 0 and at most {data.MAX_OBJECT_SCALE:g}", None),
+                ("dit_layers", lambda v: v >= 1, "at least one layer", "num_layers"),
+                ("dit_heads", lambda v: v >= 1, "at least one head", "num_attention_heads"),
+                ("dit_head_dim", lambda v: v >= 8 and v % 2 == 0, "even and at least 8", "attention_head_dim"),
+                ("dit_ffn", lambda v: v >= 1, "at least 1", "ffn_dim")):
             value = getattr(args, name)
             if value is not None:
                 if not ok(value):
                     raise UserError(f"--{name.replace('_', '-')} {value:g}: {what}")
-                setattr(cfg, name, value)
-        if args.dit_layers is not None:
-            if args.dit_layers < 1:
-                raise UserError(f"--dit-layers {args.dit_layers}: at least one layer")
-            cfg.transformer = dict(cfg.transformer, num_layers=args.dit_layers)
+                if key is None:
+                    setattr(cfg, name, value)
+                else:
+                    cfg.transformer = dict(cfg.transformer, **{key: value})
         if args.dit_patch is not None:
             cfg.transformer = dict(cfg.transformer, patch_size=(1, args.dit_patch, args.dit_patch))
-        for option, key, ok, what in (("dit_heads", "num_attention_heads", lambda v: v >= 1, "at least one head"),
-                                      ("dit_head_dim", "attention_head_dim", lambda v: v >= 8 and v % 2 == 0,
-                                       "even and at least 8"),
-                                      ("dit_ffn", "ffn_dim", lambda v: v >= 1, "at least 1")):
-            value = getattr(args, option)
-            if value is not None:
-                if not ok(value):
-                    raise UserError(f"--{option.replace('_', '-')} {value}: {what}")
-                cfg.transformer = dict(cfg.transformer, **{key: value})
         if args.dit_object_weight is not None:
             cfg.dit_object_weight = max(0.0, args.dit_object_weight)
         if args.upright:
