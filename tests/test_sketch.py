@@ -1200,9 +1200,15 @@ def test_the_shape_reader_reads_outlines_wherever_and_however_large_they_are():
     r = evaluate.shape_following(None, reader, captions=6, frames=5, source="clips")
     assert r["captions"] == 6 and len(r["rows"]) == 6
     assert r["one_piece"] == 1.0  # the clips draw each caption's one object as one piece
-    for row, spec in zip(r["rows"], shapes.single_object_specs(evaluate.HELD_OUT, 6)):
+    specs = shapes.single_object_specs(evaluate.HELD_OUT, 6)
+    for row, spec in zip(r["rows"], specs):
         video = evaluate.clip_video(None, spec, 5, "clips", data.SIZE)
-        assert row["shape"] == data.majority([reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)])
+        read = [reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)]
+        assert row["read"] == read and row["shape"] == data.majority(read)
+    # frame i's share: the captions whose frame i reads as their own shape
+    assert len(r["frames_ok_by_index"]) == 5
+    for i, share in enumerate(r["frames_ok_by_index"]):
+        assert share == sum(row["read"][i] == spec.instances[0].shape for row, spec in zip(r["rows"], specs)) / 6
 
 
 def test_shape_denoising_reads_the_models_clean_prediction_at_each_sigma():

@@ -166,16 +166,17 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
-    rows = []
+    rows, truths = [], []
     for j, spec in enumerate(single_object_specs(HELD_OUT, captions, *_drawing(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, seed=j, chunk=chunk)
         truth = spec.instances[0]
+        truths.append(truth.shape)
         masks = [data.object_mask(f, truth.colour) for f in data.frames_of(video)[:frames]]
         read = [reader.read_mask(m) for m in masks]
         shape = data.majority(read)
         rows.append({"caption": spec.caption, "shape": shape, "ok": shape == truth.shape,
                      "frames_read": sum(r is not None for r in read),
-                     "frames_ok": sum(r == truth.shape for r in read),
+                     "frames_ok": sum(r == truth.shape for r in read), "read": read,
                      # the caption names one object: several blobs of its colour are a count error (and the
                      # reader, cropping around all of them, cannot read their shape)
                      "pieces": [data.pieces(m) for m in masks]})
@@ -187,6 +188,9 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
     return {"captions": n, "frames_per_caption": frames, "source": source,
             "shape": sum(r["ok"] for r in rows) / n,
             "frames_ok": sum(r["frames_ok"] for r in rows) / max(read, 1),
+            # frame i's share of captions read right: whether the first chunk's outline holds in the later ones
+            "frames_ok_by_index": [sum(i < len(r["read"]) and r["read"][i] == truth for r, truth in zip(rows, truths)) / n
+                                   for i in range(frames)],
             "one_piece": sum(c == 1 for r in rows for c in r["pieces"]) / max(
                 sum(c >= 1 for r in rows for c in r["pieces"]), 1), "rows": rows}
 
@@ -504,7 +508,8 @@ def run(args) -> int:
                                                                       progress=progress)
             progress(f"shape following ({source}) on {r['captions']} single-object held-out captions: "
                      f"{r['shape']:.1%} (frame by frame {r['frames_ok']:.1%} of the frames the object shows in; "
-                     f"one piece in {r['one_piece']:.1%} of them)")
+                     f"one piece in {r['one_piece']:.1%} of them); read right frame by frame index: "
+                     + " ".join(f"{x:.0%}" for x in r["frames_ok_by_index"]))
     if "words" in only and isinstance(engine.components.vae, Codec):
         r = report["word_use"] = word_use(engine, min(args.captions, 30), progress=progress)
         progress("word use (error with the word swapped / with the caption's own, at sigma "
