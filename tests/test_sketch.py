@@ -333,8 +333,9 @@ def test_openings_join_each_step_weighed_by_their_frames(tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], p) for k, p in trainer._dit_params().items())
 
 
-def _opening_forward_inputs(trainer, monkeypatch, latents, captions):
-    """(the loss, the noised input, the sigmas and the velocity) of one opening_loss call, the forward spied on."""
+def _forward_inputs(trainer, monkeypatch, latents, captions, gap=None):
+    """(the loss, the noised input, the sigmas and the velocity) of one opening_loss call (or dit_loss, given the
+    context's gap), the forward spied on."""
     seen = {}
     real = train.teacher_forcing_forward
 
@@ -345,7 +346,7 @@ def _opening_forward_inputs(trainer, monkeypatch, latents, captions):
 
     monkeypatch.setattr(train, "teacher_forcing_forward", spy)
     with torch.no_grad():
-        loss = trainer.opening_loss(latents, captions)
+        loss = trainer.opening_loss(latents, captions) if gap is None else trainer.dit_loss(latents, captions, gap)
     return loss, seen["noised"], seen["sigmas"], seen["v"]
 
 
@@ -356,7 +357,7 @@ def test_opening_sigma_floor_noises_each_opening_above_it(tmp_path, monkeypatch)
     cfg.dit_openings, cfg.dit_twins, cfg.opening_sigma_floor = 64, 0.5, 0.8
     trainer = Trainer(tmp_path, cfg, progress=quiet)
     latents, captions, _ = trainer.opening_batch(int(np.random.default_rng().integers(0, 10**6)))
-    _, _, sigmas, _ = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    _, _, sigmas, _ = _forward_inputs(trainer, monkeypatch, latents, captions)
     assert sigmas.shape == (64, 2) and torch.equal(sigmas[:, 0], sigmas[:, 1])
     assert bool((sigmas >= 0.8).all() and (sigmas <= 1.0).all())
     assert sigmas[:, 0].unique().numel() > 32 + 8 and float(sigmas.min()) < 0.85 and float(sigmas.max()) > 0.95
@@ -385,7 +386,7 @@ def test_opening_swap_noises_each_twin_from_the_others_outline_and_targets_its_o
         s = float(per_clip[k, 0])
         return (x[k] - (1 - s) * latents[source]).double()
 
-    loss, given, sigmas, v = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    loss, given, sigmas, v = _forward_inputs(trainer, monkeypatch, latents, captions)
     torch.testing.assert_close(sigmas, per_clip)
     torch.testing.assert_close(scaled_noise(given, 0, 1), scaled_noise(given, 1, 0), rtol=0, atol=1e-5)  # swapped
     assert not torch.allclose(scaled_noise(given, 0, 0), scaled_noise(given, 1, 1), atol=1e-3)
@@ -396,8 +397,52 @@ def test_opening_swap_noises_each_twin_from_the_others_outline_and_targets_its_o
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
 
     trainer.cfg.opening_swap = False
-    _, plain, _, _ = _opening_forward_inputs(trainer, monkeypatch, latents, captions)
+    _, plain, _, _ = _forward_inputs(trainer, monkeypatch, latents, captions)
     torch.testing.assert_close(scaled_noise(plain, 0, 0), scaled_noise(plain, 1, 1), rtol=0, atol=1e-5)
+
+
+def test_clip_swap_noises_each_twins_chunks_from_the_others_outline_and_keeps_its_own_context(tmp_path, monkeypatch):
+    """clip_swap: in a full clip, each chunk a twin pair noises at sigma >= SWAP_MIN_SIGMA is given the twin's
+    noised latents (the same noise, the twin's outline) with a target leading to the clip's own latents; chunks
+    below it, clips outside pairs and the clean context are as they were; the loss is the float64 flow error."""
+    cfg = Config.tiny()
+    cfg.dit_batch, cfg.dit_twins, cfg.clip_swap, cfg.self_context, cfg.dit_object_weight = 6, 0.7, True, 0.0, 0.0
+    trainer = Trainer(tmp_path, cfg, progress=quiet)
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(0, 2**31)))
+    # random latents: a tiny codec's twins would differ too little to tell whose outline an input shows
+    b, frames, gap = 6, 3 * cfg.chunk, 0
+    latents = torch.randn(b, 16, frames, 4, 4, generator=g)
+    captions = [data.sample(int(x)).caption for x in torch.randint(0, 10**6, (b,), generator=g)]
+    high = float(0.5 + 0.5 * torch.rand(1, generator=g))
+    per_chunk = torch.tensor([[0.3, high], [0.3, high], [0.2, 0.4], [0.2, 0.4], [0.9, 0.9], [0.7, 0.6]])
+    per_chunk = torch.cat([per_chunk[:, :1], per_chunk[:, 1:].expand(b, frames // cfg.chunk - 1)], dim=1)
+    sigmas_in = per_chunk.repeat_interleave(cfg.chunk, dim=1)  # [6, frames]: the first chunk's, then the later ones'
+    monkeypatch.setattr(trainer, "chunk_sigmas", lambda n, f: sigmas_in[:n].clone())
+    seen = {}
+    real_context = trainer.own_context
+    monkeypatch.setattr(trainer, "own_context", lambda *a: seen.setdefault("context", real_context(*a)))
+
+    def noise_of(x, k, source, frame):  # the noise part of input k's frame, taking clip `source`'s latents out
+        s = float(sigmas_in[k, frame])
+        return (x[k, :, frame] - (1 - s) * latents[source, :, frame]).double()
+
+    loss, given, sigmas, v = _forward_inputs(trainer, monkeypatch, latents, captions, gap)
+    torch.testing.assert_close(sigmas, sigmas_in)
+    assert torch.equal(seen["context"], latents)  # each clip's own clean frames (no own-prediction share here)
+    last = frames - 1
+    torch.testing.assert_close(noise_of(given, 0, 1, last), noise_of(given, 1, 0, last), rtol=0, atol=1e-5)  # swapped
+    assert not torch.allclose(noise_of(given, 0, 0, last), noise_of(given, 1, 1, last), atol=1e-3)
+    torch.testing.assert_close(noise_of(given, 0, 0, 0), noise_of(given, 1, 1, 0), rtol=0, atol=1e-5)  # chunk at 0.3
+    for frame in (0, last):  # a pair below 0.5 throughout; clips outside pairs
+        torch.testing.assert_close(noise_of(given, 2, 2, frame), noise_of(given, 3, 3, frame), rtol=0, atol=1e-5)
+        assert not torch.allclose(noise_of(given, 4, 4, frame), noise_of(given, 5, 5, frame), atol=1e-3)
+    s = sigmas_in.double().view(b, 1, frames, 1, 1)
+    want = (v.double() - (given.double() - latents.double()) / s).pow(2).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+
+    trainer.cfg.clip_swap = False
+    _, plain, _, _ = _forward_inputs(trainer, monkeypatch, latents, captions, gap)
+    torch.testing.assert_close(noise_of(plain, 0, 0, last), noise_of(plain, 1, 1, last), rtol=0, atol=1e-5)
 
 
 def test_each_stage_overfits_a_fixed_batch(tmp_path):
@@ -977,7 +1022,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
-                  "--opening-swap")
+                  "--opening-swap", "--clip-swap")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -990,7 +1035,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["transformer"]["patch_size"] == [1, 1, 1]
     assert state["config"]["transformer"]["num_layers"] == 1
     assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
-    assert state["config"]["opening_swap"] is True
+    assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
     exported = json.loads((out / "model" / "transformer" / "config.json").read_text())
     assert exported["patch_size"] == [1, 1, 1] and exported["num_layers"] == 1
     assert (exported["num_attention_heads"], exported["attention_head_dim"], exported["ffn_dim"]) == (3, 12, 40)
@@ -1066,7 +1111,8 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
             ("lr", "--dit-lr", "0", "--dit-lr 0: a learning rate"),
             ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more"),
             ("floor", "--opening-sigma-floor", "1", "--opening-sigma-floor 1: a sigma, 0 or more and under 1"),
-            ("swap", "--opening-swap", "--dit-openings=4", "--opening-swap exchanges the outlines of twin-pair")):
+            ("swap", "--opening-swap", "--dit-openings=4", "--opening-swap exchanges the outlines of twin-pair"),
+            ("clips", "--clip-swap", "--dit-openings=4", "--clip-swap exchanges the outlines of twin-pair clips")):
         refused = main_here(train.main, "--out", str(tmp_path / name),
                             "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", option, value)
         assert refused.returncode == 2 and message in refused.stderr, (option, refused.stderr)

@@ -60,7 +60,7 @@ TEXT_ENCODER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, r
                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 CODEC = dict(widths=(24, 48), latent_width=96, z_dim=16)
 MAX_BYTES = 25 * 10**6
-SWAP_MIN_SIGMA = 0.5  # Config.opening_swap's lowest sigma
+SWAP_MIN_SIGMA = 0.5  # Config.opening_swap's and Config.clip_swap's lowest sigma
 
 
 @dataclass
@@ -130,6 +130,12 @@ class Config:
     # shape word, and shows the word's in 3: README). Here only the word gives the outline. Pairs noised below
     # sigma SWAP_MIN_SIGMA are left as they are: the target's (x_t - x0) / sigma grows without bound there.
     opening_swap: bool = False
+    # The same for the full clips' noised chunks, each twin keeping its own clean context. Trained with
+    # opening_swap alone, the eighth run draws the word's outline in a stream's first chunk (70-75% of
+    # captions, frame by frame) and loses it in the second (30-34% by its last frame: README): a later chunk
+    # is trained only on full clips, whose noised frames always show the right outline, so it learned to keep
+    # the outline its first steps drew, a blob, rather than redraw it from the word and the context.
+    clip_swap: bool = False
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
     # Trained only on real context, the model meets its own blurrier chunks at streaming time and lets
@@ -194,6 +200,7 @@ class Config:
         obj.setdefault("dit_openings", 0)
         obj.setdefault("opening_sigma_floor", 0.0)
         obj.setdefault("opening_swap", False)
+        obj.setdefault("clip_swap", False)
         obj.setdefault("self_context", 0.0)
         obj.setdefault("object_scale", 1.0)
         obj.setdefault("upright", False)
@@ -525,6 +532,8 @@ class Trainer:
                  weight: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         noised, noise, sigma = self._noised(latents)
+        if cfg.clip_swap:
+            noised, noise = self._swapped(latents, noised, noise, sigma)
         with self._autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, cfg.text_len, self.device)
             context = self.own_context(latents, text, gap)
@@ -951,6 +960,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opening-swap", action="store_true",
                         help="a new run noises each twin-pair opening from its twin's latents (the same pose, another "
                              "shape), so that only the shape word tells the outline (needs --dit-twins)")
+    parser.add_argument("--clip-swap", action="store_true",
+                        help="a new run does the same to the full clips' noised chunks, each twin keeping its own "
+                             "clean context, so that later chunks too draw the outline the words and context tell "
+                             "(needs --dit-twins)")
     parser.add_argument("--codec-batch", type=int, default=None, help="a new run's clips per codec step (default 16)")
     parser.add_argument("--dit-patch", type=int, choices=(1, 2, 4), default=None,
                         help="a new run's DiT patch in latent pixels, height and width (default 2: 8x8 tokens a "
@@ -1049,6 +1062,10 @@ def run(args) -> int:
                 raise UserError("--opening-swap exchanges the outlines of twin-pair openings: give --dit-twins and "
                                 "--dit-openings too")
             cfg.opening_swap = True
+        if args.clip_swap:
+            if not cfg.dit_twins:
+                raise UserError("--clip-swap exchanges the outlines of twin-pair clips: give --dit-twins too")
+            cfg.clip_swap = True
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
