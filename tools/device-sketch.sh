@@ -77,10 +77,10 @@ evaluate)
   # whether a shape word overrides the outline the noised frames show (README: shape denoising)
   OMP_NUM_THREADS=3 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only denoising \
     --shape-frames 6000 --json "$RUN/evals/$name-denoising.json" >"$RUN/evals/$name-denoising.log" 2>&1 &
-  case $name in done-*)  # the finished model's shapes too (the reader trains for a few minutes first)
-    OMP_NUM_THREADS=4 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only shapes \
-      --captions 60 --shape-frames 6000 --json "$RUN/evals/$name-shapes.json" >"$RUN/evals/$name-shapes.log" 2>&1 &
-  esac
+  # whether the stream draws the caption's shape, and frame by frame whether later chunks keep it (the reader
+  # trains first, about a minute)
+  OMP_NUM_THREADS=4 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only shapes \
+    --captions 60 --shape-frames 6000 --json "$RUN/evals/$name-shapes.json" >"$RUN/evals/$name-shapes.log" 2>&1 &
   wait
   ;;
 start)
