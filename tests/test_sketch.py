@@ -1193,6 +1193,63 @@ def test_a_clean_prediction_leaves_the_stream_as_it_was():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
+def test_a_fed_chunk_is_context_as_if_the_stream_had_drawn_it():
+    """Stream.feed (later-chunk denoising's context): a stream fed another stream's first chunk predicts and
+    draws its second chunk from the same cache as the stream that drew it; a chunk of the wrong shape is
+    refused."""
+    engine = Engine.load(None, device="cpu", progress=quiet)
+    prompt = data.sample(int(np.random.default_rng().integers(0, 10**6))).caption
+    drew, fed, empty = (engine.stream(prompt, seed=k, chunk=3) for k in (1, 2, 3))
+    first = drew.next()
+    fed.feed(first.latents)
+    assert fed.frame == drew.frame == 3
+    x = torch.randn(first.latents.shape)
+    probed = drew.predict_clean(x, 0.8)
+    torch.testing.assert_close(fed.predict_clean(x, 0.8), probed, rtol=0, atol=1e-5)
+    assert not torch.allclose(empty.predict_clean(x, 0.8), probed, atol=1e-3)  # the context matters
+    with pytest.raises(ValueError, match="feed: latents of shape"):
+        fed.feed(first.latents[:, :, :2])
+
+
+def test_later_chunk_denoising_reads_the_second_chunk_after_a_fed_first():
+    """later_chunk_denoising, on the shipped model: at sigma 0 the clean prediction is the input itself, so the
+    clip's input reads what the codec keeps and the twin's input its own outline; each reading above that is the
+    reader's majority over the second chunk's decoded frames, and the counts are those of the rows."""
+    from instrument.sketch import shapes
+    from instrument.sketch.evaluate import FIRST_CHUNK, TEMPORAL
+
+    engine = Engine.load(None, device="cpu", progress=quiet)
+    reader = shapes.train(frames=800, epochs=8, seed=int(torch.randint(0, 1000, ())))
+    sigma = float(np.random.default_rng().uniform(0.5, 0.9))
+    r = evaluate.later_chunk_denoising(engine, reader, captions=2, sigmas=(0.0, sigma))
+    assert r["captions"] == 2 and len(r["rows"]) == 2 and r["sigmas"] == [0.0, sigma]
+    codec = engine.components.vae
+    times = data.clip_times(1 + (2 * FIRST_CHUNK - 1) * TEMPORAL)
+    spec = shapes.single_object_specs(evaluate.HELD_OUT + 3 * 10**6, 1, 2.0, True)[0]
+    twin = data.reshaped(spec, np.random.default_rng(0))
+    row = r["rows"][0]
+    assert (row["caption"], row["twin"]) == (spec.caption, twin.instances[0].shape) and row["twin"] != row["shape"]
+
+    def read(first, second):
+        video = to_uint8_frames(codec.decode(torch.cat([first, second], dim=2)).float())
+        return data.majority([reader.read_mask(data.object_mask(f, spec.instances[0].colour))
+                              for f in data.frames_of(video)[1 + (FIRST_CHUNK - 1) * TEMPORAL:]])
+
+    with torch.no_grad():
+        z, z_twin = (codec.encode(data.render([s], times)).float() for s in (spec, twin))
+        assert row["own"][0] == row["codec"] == read(z[:, :, :3], z[:, :, 3:])
+        assert row["twin_input"][0] == read(z[:, :, :3], z_twin[:, :, 3:])
+        stream = engine.stream(spec.caption, chunk=3)
+        stream.feed(z[:, :, :3])
+        noise = torch.randn(z[:, :, 3:].shape, generator=torch.Generator().manual_seed(0))
+        x0 = stream.predict_clean((1 - sigma) * z_twin[:, :, 3:] + sigma * noise, sigma)
+        assert row["twin_input"][1] == read(z[:, :, :3], x0)
+    for i in range(2):
+        assert r["own_input_keeps"][i] == sum(w["own"][i] == w["shape"] for w in r["rows"])
+        assert r["twin_input_redraws"][i] == sum(w["twin_input"][i] == w["shape"] for w in r["rows"])
+        assert r["twin_input_copies"][i] == sum(w["twin_input"][i] == w["twin"] for w in r["rows"])
+
+
 def test_the_shipped_model_relies_on_its_colour_and_shape_words():
     """Word use on fresh captions: swapping the object's colour word, its shape word or the background's colour
     word raises the error of the shipped model's clean prediction at sigma 0.7 (README: 2.8x, 3.9x and 7.9x on

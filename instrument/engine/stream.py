@@ -417,12 +417,33 @@ class Stream:
                 nxt = sigmas[step + 1]
                 noise = self._noise().float() if s.sampler == "renoise" else x0.float() + v.float()
                 x = ((1.0 - nxt) * x0.float() + nxt * noise).to(e.dtype)
-        # The clean pass: this chunk's keys and values at t = 0 become what later chunks attend to.
-        e.runner(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP, len(sigmas))
-        for j in range(s.chunk):
-            self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
-        self.frame += s.chunk
+        self._keep(x0, first, rope)
         return _Launched(first, x0, arrived, t0, time.perf_counter(), None if start is None else (start, self._event()))
+
+    def _keep(self, x0: torch.Tensor, first: int, rope) -> None:
+        """The clean pass: the chunk's keys and values at t = 0 become what later chunks attend to; the stream
+        moves past it."""
+        e = self.engine
+        e.runner(x0, torch.zeros(1, device=e.device), self.context, self.cache, rope, CONTEXT_STEP,
+                 len(self.settings.sigmas))
+        for j in range(self.settings.chunk):
+            self.latent_ring[:, :, self.cache.slot_of(first + j)] = x0[:, :, j]
+        self.frame += self.settings.chunk
+
+    def feed(self, x0: torch.Tensor) -> None:
+        """Take clean latents [1, 16, chunk, h, w] as the stream's next chunk, as if it had drawn them (the same
+        clean pass), so that the chunk after it continues from them: a real clip's first chunk as the context
+        of `predict_clean`'s second. For analysis (`sketch.evaluate`'s later-chunk denoising), not for the
+        render loop."""
+        if tuple(x0.shape) != tuple(self.latent_shape):
+            raise ValueError(f"feed: latents of shape {tuple(x0.shape)}, the stream's chunks are "
+                             f"{tuple(self.latent_shape)}")
+        e = self.engine
+        self._take_controls()
+        first = self.frame
+        self.cache.place(first, self.settings.chunk)
+        self._keep(x0.to(device=e.device, dtype=e.dtype), first,
+                   rope_tables(self.grid, first, e.dit.head_dim, device=e.device))
 
     def _take_controls(self) -> None:
         """The knobs and the prompt as they are now, into the device tensors the passes read (and the cache

@@ -359,6 +359,61 @@ def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, p
     return {"captions": captions, "sigmas": list(sigmas), "codec": kept, **counts, "rows": rows}
 
 
+LATER_SIGMAS = (0.6, 0.8, 0.9)
+
+
+def later_chunk_denoising(engine, reader, captions: int = 40, sigmas=LATER_SIGMAS, progress=None) -> dict:
+    """What the model does with the outline a stream's second chunk shows, per sigma, on `captions` held-out
+    single-object clips: the clip's first chunk (through the codec) is fed to the stream as its context
+    (`Stream.feed`), and its second chunk is noised with fixed noise, from the clip itself or from its twin
+    (`data.reshaped`: the same clip with another shape). The clean prediction, with the clip's own caption,
+    is decoded after the first chunk and its frames read by the shape reader. From the clip's latents:
+    `own_input_keeps` (the clip's shape). From the twin's: `twin_input_redraws` (the clip's shape, which the
+    words and the context tell) or `twin_input_copies` (the twin's, which the noised frames show). `codec`
+    counts the second chunks whose shape the codec alone keeps."""
+    from .shapes import single_object_specs
+
+    progress = progress or Progress(enabled=False)
+    codec = engine.components.vae
+    device = next(codec.parameters()).device
+    rng = np.random.default_rng(0)
+    counts = {k: [0] * len(sigmas) for k in ("own_input_keeps", "twin_input_redraws", "twin_input_copies")}
+    rows, kept = [], 0
+    first = 1 + (FIRST_CHUNK - 1) * TEMPORAL  # video frames of the first chunk
+    times = data.clip_times(1 + (2 * FIRST_CHUNK - 1) * TEMPORAL)
+    for j, spec in enumerate(single_object_specs(HELD_OUT + 3 * 10**6, captions, *_drawing(engine, None))):
+        truth, twin = spec.instances[0], data.reshaped(spec, rng)
+        row = {"caption": spec.caption, "shape": truth.shape, "twin": twin.instances[0].shape, "own": [],
+               "twin_input": []}
+        with torch.no_grad():
+            z, z_twin = (codec.encode(data.render([s], times, engine.default_size[0]).to(device)).float()
+                         for s in (spec, twin))
+            context, later = z[:, :, :FIRST_CHUNK], z[:, :, FIRST_CHUNK:]
+            noise = torch.randn(later.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
+
+            def second_chunk_shape(latents):
+                video = to_uint8_frames(codec.decode(torch.cat([context, latents.to(device)], dim=2)).float())
+                return _read_shape(reader, video[:, :, first:].cpu(), truth.colour)
+
+            row["codec"] = second_chunk_shape(later)
+            kept += row["codec"] == truth.shape
+            stream = engine.stream(spec.caption, chunk=FIRST_CHUNK)
+            stream.feed(context)
+            for i, sigma in enumerate(sigmas):
+                for name, given in (("own", later), ("twin_input", z_twin[:, :, FIRST_CHUNK:])):
+                    read = second_chunk_shape(stream.predict_clean((1 - sigma) * given + sigma * noise, sigma))
+                    row[name].append(read)
+                    if name == "own":
+                        counts["own_input_keeps"][i] += read == truth.shape
+                    else:
+                        counts["twin_input_redraws"][i] += read == truth.shape
+                        counts["twin_input_copies"][i] += read == row["twin"]
+        rows.append(row)
+        if (j + 1) % 10 == 0:
+            progress(f"later chunk shape denoising: {j + 1}/{captions} captions")
+    return {"captions": captions, "sigmas": list(sigmas), "codec": kept, **counts, "rows": rows}
+
+
 def ablation_patch(word: str) -> str:
     return (f'name = "ablate {word}"\n\n[[bend]]\nname = "ablate"\nop = "cross.gain"\ntokens = "{word}"\n'
             "gain = 0.0\n")
@@ -523,6 +578,13 @@ def run(args) -> int:
                  + ", ".join(map(str, r["own"])) + "; another word: keeps it "
                  + ", ".join(map(str, r["swapped_keeps_clip"])) + ", shows the word's "
                  + ", ".join(map(str, r["swapped_shows_word"])))
+        r = report["later_chunk_denoising"] = later_chunk_denoising(engine, reader, args.denoise_captions,
+                                                                    progress=progress)
+        progress(f"later chunk shape denoising ({r['captions']} clips, the first chunk fed as context; the codec "
+                 f"alone keeps {r['codec']}), at sigma " + ", ".join(f"{s:g}" for s in r["sigmas"])
+                 + ": from the clip, its shape kept " + ", ".join(map(str, r["own_input_keeps"]))
+                 + "; from its twin, the clip's shape redrawn " + ", ".join(map(str, r["twin_input_redraws"]))
+                 + ", the twin's copied " + ", ".join(map(str, r["twin_input_copies"])))
     if "coherence" in only:
         report["coherence"] = []
         for j, spec in enumerate(held_out_specs(args.long_captions)):
