@@ -135,7 +135,8 @@ class Config:
     # captions, frame by frame) and loses it in the second (30-34% by its last frame: README). A later chunk
     # is trained only on full clips, whose noised frames always show the right outline, so it copies whatever
     # outline they show: after a real first chunk, a second noised from its twin at sigma 0.6 comes out with
-    # the twin's outline in 24 of 40 clips (`evaluate.later_chunk_denoising`).
+    # the twin's outline in 24 of 40 clips (`evaluate.later_chunk_denoising`); 590 CPU steps of full clips with
+    # clip_swap took that to 3, and without it to 22 (README: "Eighth run").
     clip_swap: bool = False
     # Share of each DiT batch whose clean context is the model's own prediction instead of the real frames:
     # the x0 it predicts from the last step's noise level, which is what the engine's context pass caches.
