@@ -189,8 +189,8 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
             "shape": sum(r["ok"] for r in rows) / n,
             "frames_ok": sum(r["frames_ok"] for r in rows) / max(read, 1),
             # frame i's share of captions read right: whether the first chunk's outline holds in the later ones
-            "frames_ok_by_index": [sum(i < len(r["read"]) and r["read"][i] == truth for r, truth in zip(rows, truths)) / n
-                                   for i in range(frames)],
+            "frames_ok_by_index": [sum(i < len(r["read"]) and r["read"][i] == truth
+                                       for r, truth in zip(rows, truths)) / n for i in range(frames)],
             "one_piece": sum(c == 1 for r in rows for c in r["pieces"]) / max(
                 sum(c >= 1 for r in rows for c in r["pieces"]), 1), "rows": rows}
 
@@ -313,8 +313,10 @@ def word_use(engine, captions: int = 30, sigmas=WORD_SIGMAS, progress=None) -> d
 DENOISE_SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
 
 
-def _read_shape(reader, video, colour: str) -> str | None:
-    return data.majority([reader.read_mask(data.object_mask(f, colour)) for f in data.frames_of(video)])
+def _decoded_shape(reader, codec, latents: torch.Tensor, colour: str, skip: int = 0) -> str | None:
+    """The shape reader's majority over the frames the codec decodes from `latents`, the first `skip` left out."""
+    video = to_uint8_frames(codec.decode(latents.to(next(codec.parameters()).device)).float())[:, :, skip:]
+    return data.majority([reader.read_mask(data.object_mask(f, colour)) for f in data.frames_of(video.cpu())])
 
 
 def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, progress=None) -> dict:
@@ -327,7 +329,6 @@ def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, p
 
     progress = progress or Progress(enabled=False)
     codec = engine.components.vae
-    device = next(codec.parameters()).device
     rng = np.random.default_rng(0)
     counts = {k: [0] * len(sigmas) for k in ("own", "swapped_keeps_clip", "swapped_shows_word")}
     rows, kept = [], 0
@@ -339,14 +340,13 @@ def shape_denoising(engine, reader, captions: int = 40, sigmas=DENOISE_SIGMAS, p
         row = {"caption": spec.caption, "shape": truth.shape, "swapped_to": word, "own": [], "swapped": []}
         with torch.no_grad():
             _, z, noise = _first_chunk(engine, spec, j)
-            row["codec"] = _read_shape(reader, to_uint8_frames(codec.decode(z).float()).cpu(), truth.colour)
+            row["codec"] = _decoded_shape(reader, codec, z, truth.colour)
             kept += row["codec"] == truth.shape
             for name, prompt in (("own", spec.caption), ("swapped", swapped)):
                 stream = engine.stream(prompt, chunk=FIRST_CHUNK)
                 for i, sigma in enumerate(sigmas):
                     x0 = stream.predict_clean((1 - sigma) * z + sigma * noise, sigma)
-                    read = _read_shape(reader, to_uint8_frames(codec.decode(x0.to(device)).float()).cpu(),
-                                       truth.colour)
+                    read = _decoded_shape(reader, codec, x0, truth.colour)
                     row[name].append(read)
                     if name == "own":
                         counts["own"][i] += read == truth.shape
@@ -391,9 +391,9 @@ def later_chunk_denoising(engine, reader, captions: int = 40, sigmas=LATER_SIGMA
             context, later = z[:, :, :FIRST_CHUNK], z[:, :, FIRST_CHUNK:]
             noise = torch.randn(later.shape, generator=torch.Generator().manual_seed(j)).to(z.device)
 
-            def second_chunk_shape(latents):
-                video = to_uint8_frames(codec.decode(torch.cat([context, latents.to(device)], dim=2)).float())
-                return _read_shape(reader, video[:, :, first:].cpu(), truth.colour)
+            def second_chunk_shape(latents):  # decoded after the first chunk, as a stream decodes it
+                return _decoded_shape(reader, codec, torch.cat([context, latents.to(device)], dim=2), truth.colour,
+                                      skip=first)
 
             row["codec"] = second_chunk_shape(later)
             kept += row["codec"] == truth.shape
