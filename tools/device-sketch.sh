@@ -5,6 +5,8 @@
 #   tools/device-sketch.sh start MINUTES   install the carried wheels, start training
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
 #   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
+#   tools/device-sketch.sh more MINUTES    after finish, on the same machine: resume the run bit for bit with a
+#                                          larger budget (training past a budget to see where the curve goes)
 #                                          (EVALUATE=0: no evaluation on the GPU machine, when its time is short)
 #   tools/device-sketch.sh times           time a training step per batch size first (tools/sketch-step-times.py;
 #                                          TIMES_ARGS: its options, e.g. "--dit-batches 32 --dit-outline-weights 0,16")
@@ -91,6 +93,15 @@ start)
   setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
     --config "$CONFIG" --checkpoint-every ${CHECKPOINT_EVERY:-1500} ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
   sleep 5; cat "$log"; report
+  ;;
+more)
+  minutes=${2:?minutes}
+  training && { echo "still training: finish first"; exit 1; }
+  [ -e "$RUN/checkpoints/latest" ] || { echo "$RUN holds no run to go on with"; exit 1; }
+  echo "--- more: resumed with a budget of $minutes minutes" >>"$log"
+  setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
+    --checkpoint-every ${CHECKPOINT_EVERY:-1500} --resume >>"$log" 2>&1 </dev/null &
+  sleep 5; tail -n 3 "$log"; report
   ;;
 watch)
   seconds=${2:?seconds}
