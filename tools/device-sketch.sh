@@ -15,8 +15,8 @@
 # start again with TRAIN_ARGS="--dit-from runs/carry/<name>-model <the lost run's settings>" (README: training).
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
-# `train` options), CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a
-# time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
+# `train` options), COMPILE (1: train --compile, at start and at more), CHECKPOINT_EVERY (steps, 1500; each
+# DiT checkpoint is exported and evaluated, one at a time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
 # (latest-model.tar.part-*) and, at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
 set -u
 phase=${1:?start, watch or finish}
@@ -26,6 +26,7 @@ RUN=${RUN:-runs/sketch}
 . "$(dirname "$0")/device-env.sh"
 mkdir -p "$RUN/evals"
 log=$RUN/train.log
+compile=; [ "${COMPILE:-0}" = 1 ] && compile=--compile
 
 training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null; }
 
@@ -91,7 +92,7 @@ start)
   minutes=${2:?minutes}
   [ -e "$log" ] && { echo "$RUN already holds a run"; exit 1; }
   setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --config "$CONFIG" --checkpoint-every ${CHECKPOINT_EVERY:-1500} ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
+    --config "$CONFIG" --checkpoint-every ${CHECKPOINT_EVERY:-1500} $compile ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
   sleep 5; cat "$log"; report
   ;;
 more)
@@ -100,7 +101,7 @@ more)
   [ -e "$RUN/checkpoints/latest" ] || { echo "$RUN holds no run to go on with"; exit 1; }
   echo "--- more: resumed with a budget of $minutes minutes" >>"$log"
   setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --checkpoint-every ${CHECKPOINT_EVERY:-1500} --resume >>"$log" 2>&1 </dev/null &
+    --checkpoint-every ${CHECKPOINT_EVERY:-1500} $compile --resume >>"$log" 2>&1 </dev/null &
   sleep 5; tail -n 3 "$log"; report
   ;;
 watch)

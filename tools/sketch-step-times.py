@@ -50,9 +50,11 @@ def timed(fn, device, steps: int, warmup: int) -> float:
 
 
 # The trainers below never checkpoint: their output folder is never written.
-def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0, openings: int = 0) -> dict:
-    config = Config(dit_batch=batch, dit_outline_weight=outline_weight, dit_openings=openings)
-    trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None)
+def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0, openings: int = 0,
+            compile: bool = False, twins: float = 0.0) -> dict:
+    config = Config(dit_batch=batch, dit_outline_weight=outline_weight, dit_openings=openings, dit_twins=twins,
+                    opening_swap=bool(twins and openings), clip_swap=bool(twins))
+    trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None, compile=compile)
     trainer.codec.eval().requires_grad_(False)
     trainer.stage = "dit"
     fixed = trainer.dit_batch(0)
@@ -67,7 +69,8 @@ def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: fl
     fwd = timed(forward, device, steps, 1)
     opening = timed(lambda: trainer.opening_batch(trainer.steps["dit"]), device, steps, 1) if openings else 0.0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return dict(stage="dit", batch=batch, openings=openings, outline_weight=outline_weight, step_ms=round(step, 1),
+    return dict(stage="dit", batch=batch, openings=openings, outline_weight=outline_weight, compile=compile,
+                twins=twins, step_ms=round(step, 1),
                 batch_ms=round(data, 1), batch_host_ms=round(host, 1), openings_batch_ms=round(opening, 1), forward_ms=round(fwd, 1),
                 clips_per_s=round(batch / step * 1000.0, 1), openings_per_s=round(openings / step * 1000.0, 1),
                 peak_gib=None if peak is None else round(peak, 2))
@@ -89,6 +92,11 @@ def main(argv=None) -> int:
                         help="each DiT batch size timed at each of these --dit-outline-weight values (0: no outline)")
     parser.add_argument("--dit-openings", default="0",
                         help="each DiT batch size timed with each of these --dit-openings counts (0: none)")
+    parser.add_argument("--compile", default="0",
+                        help="each row without (0) and/or with (1) the DiT blocks compiled (train --compile), e.g. 0,1")
+    parser.add_argument("--dit-twins", type=float, default=0.0,
+                        help="the twin-pair share (train --dit-twins), with --opening-swap and --clip-swap as the "
+                             "shipped run trains")
     parser.add_argument("--codec-batches", default="16,32,64")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -101,11 +109,12 @@ def main(argv=None) -> int:
     for b in (int(x) for x in args.dit_batches.split(",") if x):
         for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
             for n in (int(x) for x in args.dit_openings.split(",") if x):
-                rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n))
-                print(rows[-1], flush=True)
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
+                for c in (x == "1" for x in args.compile.split(",") if x):
+                    rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins))
+                    print(rows[-1], flush=True)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
     for b in (int(x) for x in args.codec_batches.split(",") if x):
         rows.append(codec_row(b, args.device, args.steps, args.warmup))
         print(rows[-1], flush=True)

@@ -315,7 +315,7 @@ DENOISE_SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
 
 def _decoded_shape(reader, codec, latents: torch.Tensor, colour: str, skip: int = 0) -> str | None:
     """The shape reader's majority over the frames the codec decodes from `latents`, the first `skip` left out."""
-    video = to_uint8_frames(codec.decode(latents.to(next(codec.parameters()).device)).float())[:, :, skip:]
+    video = to_uint8_frames(codec.decode(latents.to(next(codec.parameters()).device)).float())[skip:]  # [n, H, W, 3]
     return data.majority([reader.read_mask(data.object_mask(f, colour)) for f in data.frames_of(video.cpu())])
 
 
