@@ -485,6 +485,35 @@ def test_compiled_blocks_train_the_uncompiled_model(tmp_path):
     assert all(torch.equal(resumed._tensors()[k], v) for k, v in state_of(compiled).items())
 
 
+def test_specs_drawn_ahead_by_the_worker_are_the_ones_drawn_in_the_loop(tmp_path):
+    """Trainer(prefetch=True), as train runs on a GPU: a spawned worker process draws the next steps' clip specs
+    (full clips and openings, twin pairs leading) while the loop trains; they are the specs the loop draws
+    itself, so a run with the worker ends in the same state, bit for bit, and the worker is shut down."""
+    cfg = Config.tiny()
+    cfg.dit_openings, cfg.dit_twins = 4, 0.5
+    here = Trainer(tmp_path / "here", cfg, progress=quiet)
+    ahead = Trainer(tmp_path / "ahead", cfg, progress=quiet, prefetch=True)
+    try:
+        assert ahead.dit_batch(0)[1] == here.dit_batch(0)[1]  # drawn in the loop; steps 1-3 queued
+        assert ahead.opening_batch(0)[1] == here.opening_batch(0)[1]  # the openings' steps 1-3 too
+        for job in list(ahead.prefetch.jobs.values()):
+            job.result(timeout=120)  # the worker's start (importing torch) is what takes time
+        for step in (1, 2):
+            assert ahead._step_specs(2, 3, step, cfg.dit_batch) == here._step_specs(2, 3, step, cfg.dit_batch)
+            assert ahead._step_specs(4, 5, step, 4) == here._step_specs(4, 5, step, 4)
+        assert ahead.prefetch.drawn_ahead == 4
+        twins = ahead._step_specs(4, 5, 3, 4)
+        assert twins[1].caption != twins[0].caption and twins[1].instances[0].x == twins[0].instances[0].x
+    finally:
+        ahead.prefetch.close()
+    ahead = Trainer(tmp_path / "ahead", cfg, progress=quiet, prefetch=True)
+    for t in (here, ahead):
+        t.run(None, codec_steps=2, dit_steps=4, checkpoint_every=0)
+    assert ahead.prefetch is None  # closed by run
+    sa, sb = state_of(here), state_of(ahead)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path):
     """Losses are read back from the device every log_every steps, not every step; a NaN still stops the run
     and names the step it came from."""

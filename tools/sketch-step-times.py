@@ -51,13 +51,20 @@ def timed(fn, device, steps: int, warmup: int) -> float:
 
 # The trainers below never checkpoint: their output folder is never written.
 def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0, openings: int = 0,
-            compile: bool = False, twins: float = 0.0) -> dict:
+            compile: bool = False, twins: float = 0.0, prefetch: bool = False) -> dict:
     config = Config(dit_batch=batch, dit_outline_weight=outline_weight, dit_openings=openings, dit_twins=twins,
                     opening_swap=bool(twins and openings), clip_swap=bool(twins))
-    trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None, compile=compile)
+    trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None, compile=compile,
+                      prefetch=prefetch)
     trainer.codec.eval().requires_grad_(False)
     trainer.stage = "dit"
     fixed = trainer.dit_batch(0)
+    if trainer.prefetch is not None:  # the worker's start (spawned, importing torch) stays out of the timing
+        trainer.opening_batch(0)
+        for job in list(trainer.prefetch.jobs.values()):
+            job.result()
+    # with the worker, only step_ms shows it: the batch timings below draw one step's batch again and again,
+    # and a step the worker drew is handed over once
     step = timed(trainer._dit_step, device, steps, warmup)  # as `run` steps: losses stay on the device
     data = timed(lambda: trainer.dit_batch(trainer.steps["dit"]), device, steps, 1)
     host = enqueued(lambda: trainer.dit_batch(trainer.steps["dit"]), device, steps)
@@ -68,9 +75,11 @@ def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: fl
 
     fwd = timed(forward, device, steps, 1)
     opening = timed(lambda: trainer.opening_batch(trainer.steps["dit"]), device, steps, 1) if openings else 0.0
+    if trainer.prefetch is not None:
+        trainer.prefetch.close()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return dict(stage="dit", batch=batch, openings=openings, outline_weight=outline_weight, compile=compile,
-                twins=twins, step_ms=round(step, 1),
+                prefetch=prefetch, twins=twins, step_ms=round(step, 1),
                 batch_ms=round(data, 1), batch_host_ms=round(host, 1), openings_batch_ms=round(opening, 1), forward_ms=round(fwd, 1),
                 clips_per_s=round(batch / step * 1000.0, 1), openings_per_s=round(openings / step * 1000.0, 1),
                 peak_gib=None if peak is None else round(peak, 2))
@@ -94,6 +103,9 @@ def main(argv=None) -> int:
                         help="each DiT batch size timed with each of these --dit-openings counts (0: none)")
     parser.add_argument("--compile", default="0",
                         help="each row without (0) and/or with (1) the DiT blocks compiled (train --compile), e.g. 0,1")
+    parser.add_argument("--prefetch", default="0",
+                        help="each row without (0) and/or with (1) the worker process that draws the next steps' "
+                             "clip specs (train on a GPU runs with it), e.g. 0,1")
     parser.add_argument("--dit-twins", type=float, default=0.0,
                         help="the twin-pair share (train --dit-twins), with --opening-swap and --clip-swap as the "
                              "shipped run trains")
@@ -110,11 +122,12 @@ def main(argv=None) -> int:
         for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
             for n in (int(x) for x in args.dit_openings.split(",") if x):
                 for c in (x == "1" for x in args.compile.split(",") if x):
-                    rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins))
-                    print(rows[-1], flush=True)
-                    if args.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
+                    for p in (x == "1" for x in args.prefetch.split(",") if x):
+                        rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins, p))
+                        print(rows[-1], flush=True)
+                        if args.device.startswith("cuda"):
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats()
     for b in (int(x) for x in args.codec_batches.split(",") if x):
         rows.append(codec_row(b, args.device, args.steps, args.warmup))
         print(rows[-1], flush=True)

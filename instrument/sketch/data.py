@@ -193,6 +193,17 @@ def reshaped(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
     return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
 
 
+def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list) -> list:
+    """A training step's clips: the specs of seeds base .. base + count - 1, the first `pairs` odd ones redrawn
+    as their even neighbour in another shape (`reshaped`, from the rng of `twin_key`). A pure function of its
+    arguments, so a worker process may draw a step's specs ahead of it (train.SpecPrefetch)."""
+    specs = [sample(base + j, object_scale, upright) for j in range(count)]
+    shapes = np.random.default_rng(twin_key)
+    for k in range(pairs):
+        specs[2 * k + 1] = reshaped(specs[2 * k], shapes)
+    return specs
+
+
 # -- captions back to attributes ------------------------------------------------------------------------
 _NOUNS = {**{s: (s, 1) for s in SHAPES}, **{p: (s, 2) for s, p in PLURALS.items()}}
 _GROUP = re.compile(r"(an?|two|three) (\w+) (\w+) (moving left|moving right|moving up|moving down|bouncing|"

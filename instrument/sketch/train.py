@@ -352,10 +352,51 @@ def sink_weighted(weight: torch.Tensor, sink: int, factor: float) -> torch.Tenso
     return w / w.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
+class SpecPrefetch:
+    """Draws the next DiT steps' clip specs (data.step_specs) in a worker process while this one queues the GPU
+    work of the current step. A step of 16 full clips and 256 openings spends about 30 ms of the host's time
+    drawing specs in Python, time in which the host queues no GPU work, and the compiled step is bound by the
+    host (BENCHMARKS: "Compiled DiT blocks for training"). A step the worker has not finished is drawn here
+    instead, so the worker never holds the loop up (its start, importing torch, takes seconds)."""
+
+    AHEAD = 3  # steps drawn ahead, per kind of batch
+
+    def __init__(self):
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn, not fork: a fork of a process that holds a CUDA context is not safe
+        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.jobs: dict = {}  # (kind, step) -> future
+        self.drawn_ahead = 0  # steps whose specs came from the worker (tests, progress)
+
+    def take(self, key: tuple, args_of) -> list:
+        """The specs of `key` = (kind, step), args_of(step) being data.step_specs' arguments for a step of this
+        kind; the next AHEAD steps of the kind are queued on the worker."""
+        kind, step = key
+        for old in [k for k in self.jobs if k[0] == kind and k[1] < step]:  # a jump (resume): never wanted
+            self.jobs.pop(old).cancel()
+        for ahead in range(step + 1, step + 1 + self.AHEAD):
+            if (kind, ahead) not in self.jobs:
+                self.jobs[(kind, ahead)] = self.pool.submit(data.step_specs, *args_of(ahead))
+        job = self.jobs.pop(key, None)
+        if job is not None and job.done() and job.exception() is None:
+            self.drawn_ahead += 1
+            return job.result()
+        if job is not None:
+            job.cancel()
+        return data.step_specs(*args_of(step))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.jobs.clear()
+
+
 class Trainer:
     STAGES = ("codec", "dit", "done")
 
-    def __init__(self, out: str | Path, config: Config, device="cpu", progress=None, compile: bool = False):
+    def __init__(self, out: str | Path, config: Config, device="cpu", progress=None, compile: bool = False,
+                 prefetch: bool = False):
         from diffusers import WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
@@ -378,6 +419,7 @@ class Trainer:
             blk.attn1.set_processor(self.processor)
         if compile:
             self._compile_blocks()
+        self.prefetch = SpecPrefetch() if prefetch else None  # closed at the end of run
         self.ema = {k: v.detach().clone() for k, v in self._dit_params().items()}
         fused = self.device.type == "cuda"  # one kernel per step for all parameters, rather than a few per tensor
         self.codec_opt = torch.optim.AdamW(self.codec.parameters(), lr=config.codec_lr, weight_decay=0.0, fused=fused)
@@ -412,6 +454,19 @@ class Trainer:
         base = (self.cfg.seed * 1_000_003 + stage) * 2**40 + step * count
         return [data.sample(base + j, self.cfg.object_scale, self.cfg.upright) for j in range(count)]
 
+    def _step_args(self, stage: int, twin_stage: int, step: int, count: int) -> tuple:
+        """data.step_specs' arguments for a DiT step's clips (stage 2: its full clips, 4: its openings)."""
+        cfg = self.cfg
+        return ((cfg.seed * 1_000_003 + stage) * 2**40 + step * count, count, cfg.object_scale, cfg.upright,
+                self.twin_pairs(count), [cfg.seed, twin_stage, step])
+
+    def _step_specs(self, stage: int, twin_stage: int, step: int, count: int) -> list:
+        """A DiT step's clip specs, twin pairs leading; drawn ahead by the prefetching worker when one runs
+        (the same specs: data.step_specs is a pure function of its arguments)."""
+        if self.prefetch is None:
+            return data.step_specs(*self._step_args(stage, twin_stage, step, count))
+        return self.prefetch.take((stage, step), lambda s: self._step_args(stage, twin_stage, s, count))
+
     def codec_batch(self, step: int) -> torch.Tensor:
         specs = self._specs(1, step, self.cfg.codec_batch)
         start = float(np.random.default_rng([self.cfg.seed, 1, step]).uniform(0.0, 30.0))
@@ -422,7 +477,7 @@ class Trainer:
         """(clean latents [B, 16, S, h, w], captions, gap, loss weights [B, 1, S, h, w] or None): a step's clips
         through the frozen codec."""
         cfg = self.cfg
-        specs = self._twins(self._specs(2, step, cfg.dit_batch), [cfg.seed, 3, step])
+        specs = self._step_specs(2, 3, step, cfg.dit_batch)
         rng = np.random.default_rng([cfg.seed, 2, step])
         gap = int(rng.integers(1, cfg.max_gap // cfg.chunk + 1)) * cfg.chunk if rng.random() < cfg.gap_prob else 0
         n = 1 + TEMPORAL * (cfg.latent_frames - 1)
@@ -439,17 +494,10 @@ class Trainer:
         """(clean latents [N, 16, chunk, h, w], captions, loss weights [N, 1, chunk, h, w] or None): the step's
         dit_openings openings, each another clip's first chunk, through the frozen codec."""
         cfg = self.cfg
-        specs = self._twins(self._specs(4, step, cfg.dit_openings), [cfg.seed, 5, step])
+        specs = self._step_specs(4, 5, step, cfg.dit_openings)
         times = data.clip_times(1 + TEMPORAL * (cfg.chunk - 1), 0.0, self.device)
         latents, weight = self._encoded(specs, times)
         return latents, [s.caption for s in specs], weight
-
-    def _twins(self, specs: list, key: list) -> list:
-        """The specs with the first twin_pairs(len) odd ones redrawn as their even neighbour in another shape."""
-        shapes = np.random.default_rng(key)
-        for k in range(self.twin_pairs(len(specs))):
-            specs[2 * k + 1] = data.reshaped(specs[2 * k], shapes)
-        return specs
 
     def _encoded(self, specs: list, times: torch.Tensor):
         """(latents [B, 16, S, h, w], loss weights [B, 1, S, h, w] or None) of the specs rendered at `times`."""
@@ -892,37 +940,43 @@ class Trainer:
             self.losses.extend(values)
             pending.clear()
 
-        while self.stage != "done" and not stop():
-            name = self.stage
-            if stage_done(name):
-                read_losses()
-                if name == "codec":
-                    self.measure_latents()
+        try:
+            while self.stage != "done" and not stop():
+                name = self.stage
+                if stage_done(name):
+                    read_losses()
+                    if name == "codec":
+                        self.measure_latents()
+                        self.codec.eval().requires_grad_(False)
+                        self.progress(f"codec done after {self.steps['codec']} steps; latent std "
+                                      f"{self.codec.latent_std.mean().item():.3f} (mean over channels)")
+                        self.report_codec()
+                    self.stage = "dit" if name == "codec" else "done"
+                    self.save_checkpoint()
+                    continue
+                if name == "dit":
                     self.codec.eval().requires_grad_(False)
-                    self.progress(f"codec done after {self.steps['codec']} steps; latent std "
-                                  f"{self.codec.latent_std.mean().item():.3f} (mean over channels)")
-                    self.report_codec()
-                self.stage = "dit" if name == "codec" else "done"
-                self.save_checkpoint()
-                continue
-            if name == "dit":
-                self.codec.eval().requires_grad_(False)
-            t0 = time.perf_counter()
-            loss = self._codec_step() if name == "codec" else self._dit_step()
-            step = self.steps[name]
-            pending.append((name, step, loss))
-            if step % log_every == 0:  # the host waits for the GPU here only, so the time is the GPU's
-                read_losses()
-            self.elapsed[name] += time.perf_counter() - t0
-            if step % log_every == 0:
-                recent = self.losses[-log_every:]
-                total = self.elapsed["codec"] + self.elapsed["dit"]
-                self.progress(f"{name} step {step} loss {sum(recent) / len(recent):.5f} "
-                              f"({step / max(self.elapsed[name], 1e-9):.2f} steps/s, "
-                              f"{total / 60:.1f} of {'-' if minutes is None else f'{minutes:g}'} min)")
-            if checkpoint_every and step % checkpoint_every == 0:
-                read_losses()
-                self.save_checkpoint()
+                t0 = time.perf_counter()
+                loss = self._codec_step() if name == "codec" else self._dit_step()
+                step = self.steps[name]
+                pending.append((name, step, loss))
+                if step % log_every == 0:  # the host waits for the GPU here only, so the time is the GPU's
+                    read_losses()
+                self.elapsed[name] += time.perf_counter() - t0
+                if step % log_every == 0:
+                    recent = self.losses[-log_every:]
+                    total = self.elapsed["codec"] + self.elapsed["dit"]
+                    self.progress(f"{name} step {step} loss {sum(recent) / len(recent):.5f} "
+                                  f"({step / max(self.elapsed[name], 1e-9):.2f} steps/s, "
+                                  f"{total / 60:.1f} of {'-' if minutes is None else f'{minutes:g}'} min)")
+                if checkpoint_every and step % checkpoint_every == 0:
+                    read_losses()
+                    self.save_checkpoint()
+        finally:
+            if self.prefetch is not None:
+                self.progress(f"clip specs drawn ahead by the worker for {self.prefetch.drawn_ahead} batches")
+                self.prefetch.close()
+                self.prefetch = None
         read_losses()
         self.save_checkpoint()
 
@@ -1091,7 +1145,8 @@ def run(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     progress = Progress()
-    trainer = Trainer(out, cfg, args.device, progress, compile=args.compile)
+    # the worker drawing specs ahead pays where the host queues GPU work; on a CPU it only takes a core
+    trainer = Trainer(out, cfg, args.device, progress, compile=args.compile, prefetch=args.device.startswith("cuda"))
     if args.resume and latest is not None:
         trainer.load_checkpoint(latest)
         progress(f"resumed from {latest} (stage {trainer.stage}, steps {trainer.steps})")
