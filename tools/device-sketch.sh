@@ -5,6 +5,9 @@
 #   tools/device-sketch.sh start MINUTES   install the carried wheels, start training
 #   tools/device-sketch.sh watch SECONDS   follow the log; export and evaluate each new DiT checkpoint on the CPU
 #   tools/device-sketch.sh finish          wait for the trainer and the last evaluation, pack the model into $OUT
+#   tools/device-sketch.sh stop            stop the trainer now (SIGTERM: it checkpoints and exports its model),
+#                                          pack the model into $OUT: a run the session's device time cannot
+#                                          finish, to go on elsewhere with --dit-from
 #   tools/device-sketch.sh more MINUTES    after finish, on the same machine: resume the run bit for bit with a
 #                                          larger budget (training past a budget to see where the curve goes)
 #                                          (EVALUATE=0: no evaluation on the GPU machine, when its time is short)
@@ -19,7 +22,7 @@
 # DiT checkpoint is exported and evaluated, one at a time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
 # (latest-model.tar.part-*) and, at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
 set -u
-phase=${1:?start, watch or finish}
+phase=${1:?start, watch, finish, stop, more or times}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-default}
 RUN=${RUN:-runs/sketch}
@@ -114,6 +117,15 @@ watch)
     sleep 10
   done
   tail -n +$((shown + 1)) "$log"; report
+  ;;
+stop)
+  # the pattern is not in this script's command line, nor in the device call's that runs it
+  pkill -TERM -f "instrument.sketch.train --out $RUN --minutes"
+  while training; do sleep 2; done
+  tail -n 3 "$log"; report
+  [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
+  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
+  ls -l "$OUT"
   ;;
 finish)
   while training; do sleep 5; done
