@@ -18,8 +18,9 @@
 # start again with TRAIN_ARGS="--dit-from runs/carry/<name>-model <the lost run's settings>" (README: training).
 #
 # Environment: DEVICE (cuda), CONFIG (default), RUN (runs/sketch), SCHEDULES (below), TRAIN_ARGS (more
-# `train` options), COMPILE (1: train --compile, at start and at more), CHECKPOINT_EVERY (steps, 1500; each
-# DiT checkpoint is exported and evaluated, one at a time). $OUT receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
+# `train` options), COMPILE (1 or a torch.compile mode: train --compile [MODE], at start and at more),
+# CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a time). $OUT
+# receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
 # (latest-model.tar.part-*) and, at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
 set -u
 phase=${1:?start, watch, finish, stop, more or times}
@@ -29,7 +30,7 @@ RUN=${RUN:-runs/sketch}
 . "$(dirname "$0")/device-env.sh"
 mkdir -p "$RUN/evals"
 log=$RUN/train.log
-compile=; [ "${COMPILE:-0}" = 1 ] && compile=--compile
+case ${COMPILE:-0} in 0) compile= ;; 1) compile=--compile ;; *) compile="--compile $COMPILE" ;; esac
 
 training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null; }
 

@@ -51,7 +51,7 @@ def timed(fn, device, steps: int, warmup: int) -> float:
 
 # The trainers below never checkpoint: their output folder is never written.
 def dit_row(batch: int, device: str, steps: int, warmup: int, outline_weight: float = 0.0, openings: int = 0,
-            compile: bool = False, twins: float = 0.0, prefetch: bool = False) -> dict:
+            compile: bool | str = False, twins: float = 0.0, prefetch: bool = False) -> dict:
     config = Config(dit_batch=batch, dit_outline_weight=outline_weight, dit_openings=openings, dit_twins=twins,
                     opening_swap=bool(twins and openings), clip_swap=bool(twins))
     trainer = Trainer(tempfile.gettempdir(), config, device, progress=lambda *a: None, compile=compile,
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-openings", default="0",
                         help="each DiT batch size timed with each of these --dit-openings counts (0: none)")
     parser.add_argument("--compile", default="0",
-                        help="each row without (0) and/or with (1) the DiT blocks compiled (train --compile), e.g. 0,1")
+                        help="each row without (0) and/or with (1) the DiT blocks compiled (train --compile), or "
+                             "compiled in a torch.compile mode (train --compile MODE), e.g. 0,1,reduce-overhead")
     parser.add_argument("--prefetch", default="0",
                         help="each row without (0) and/or with (1) the worker process that draws the next steps' "
                              "clip specs (train on a GPU runs with it), e.g. 0,1")
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     for b in (int(x) for x in args.dit_batches.split(",") if x):
         for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
             for n in (int(x) for x in args.dit_openings.split(",") if x):
-                for c in (x == "1" for x in args.compile.split(",") if x):
+                for c in ({"0": False, "1": True}.get(x, x) for x in args.compile.split(",") if x):
                     for p in (x == "1" for x in args.prefetch.split(",") if x):
                         rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins, p))
                         print(rows[-1], flush=True)

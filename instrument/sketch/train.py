@@ -395,7 +395,7 @@ class SpecPrefetch:
 class Trainer:
     STAGES = ("codec", "dit", "done")
 
-    def __init__(self, out: str | Path, config: Config, device="cpu", progress=None, compile: bool = False,
+    def __init__(self, out: str | Path, config: Config, device="cpu", progress=None, compile: bool | str = False,
                  prefetch: bool = False):
         from diffusers import WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
@@ -418,7 +418,7 @@ class Trainer:
         for blk in self.transformer.blocks:
             blk.attn1.set_processor(self.processor)
         if compile:
-            self._compile_blocks()
+            self._compile_blocks(None if compile is True else compile)
         self.prefetch = SpecPrefetch() if prefetch else None  # closed at the end of run
         self.ema = {k: v.detach().clone() for k, v in self._dit_params().items()}
         fused = self.device.type == "cuda"  # one kernel per step for all parameters, rather than a few per tensor
@@ -436,18 +436,25 @@ class Trainer:
         self.sigmas = torch.tensor([warp(t, config.shift) for t in config.schedule], device=self.device)
         self.autocast = self.device.type == "cuda"
 
-    def _compile_blocks(self) -> None:
+    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+    def _compile_blocks(self, mode: str | None = None) -> None:
         """torch.compile each DiT block in place (parameter names unchanged, so checkpoints and exports are the
         same): at width 192 a block's time goes to its many small elementwise kernels (modulation, float32 norms,
-        rotary), which inductor fuses. The same math: a compiled run resumes an uncompiled one and back."""
+        rotary), which inductor fuses. The same math: a compiled run resumes an uncompiled one and back.
+        `mode` is torch.compile's ("reduce-overhead" also replays each block from a CUDA graph, for a step whose
+        time goes to the host's kernel launches; untimed so far)."""
+        if mode is not None and mode not in self.COMPILE_MODES:
+            raise UserError(f"--compile {mode}: expected one of {', '.join(self.COMPILE_MODES)}")
         import torch._dynamo
 
         # One graph per kind of forward (full clips with their mask, openings unmasked, the no-grad context
         # pass), shared by the blocks; the limit leaves room should a torch version specialise per block.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for blk in self.transformer.blocks:
-            blk.compile(dynamic=False)
-        self.progress("DiT blocks compiled (torch.compile; the first steps of each kind of forward build them)")
+            blk.compile(dynamic=False, mode=mode)
+        self.progress(f"DiT blocks compiled (torch.compile, mode {mode or 'default'}; the first steps of each kind "
+                      "of forward build them)")
 
     # -- batches: a function of (seed, stage, step) only --------------------------------------------------
     def _specs(self, stage: int, step: int, count: int):
@@ -989,9 +996,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps instead of a time budget")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the DiT blocks: faster steps on a GPU, the same model (a setting of this "
-                             "call, not of the run: a resumed run may take it or leave it)")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the DiT blocks, optionally in this torch.compile mode (default, "
+                             "reduce-overhead, max-autotune-no-cudagraphs): faster steps on a GPU, the same model "
+                             "(a setting of this call, not of the run: a resumed run may take it or leave it)")
     parser.add_argument("--config", choices=("default", "proxy", "small", "tiny"), default="default",
                         help="proxy: the shipped model with CPU-sized batches; small: a 64x64 model a CPU trains "
                              "in under an hour; tiny: a seconds-long CPU smoke run")
