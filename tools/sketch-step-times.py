@@ -13,6 +13,7 @@ batch) or by the host (it does not), which decides the batch sizes of the 25-min
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -119,17 +120,19 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
-    for b in (int(x) for x in args.dit_batches.split(",") if x):
-        for w in (float(x) for x in args.dit_outline_weights.split(",") if x):
-            for n in (int(x) for x in args.dit_openings.split(",") if x):
-                for c in ({"0": False, "1": True}.get(x, x) for x in args.compile.split(",") if x):
-                    for p in (x == "1" for x in args.prefetch.split(",") if x):
-                        rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins, p))
-                        print(rows[-1], flush=True)
-                        if args.device.startswith("cuda"):
-                            torch.cuda.empty_cache()
-                            torch.cuda.reset_peak_memory_stats()
-    for b in (int(x) for x in args.codec_batches.split(",") if x):
+    def listed(text: str, kind) -> list:
+        return [kind(x) for x in text.split(",") if x]
+
+    for b, w, n, c, p in itertools.product(listed(args.dit_batches, int), listed(args.dit_outline_weights, float),
+                                           listed(args.dit_openings, int),
+                                           listed(args.compile, lambda x: {"0": False, "1": True}.get(x, x)),
+                                           listed(args.prefetch, lambda x: x == "1")):
+        rows.append(dit_row(b, args.device, args.steps, args.warmup, w, n, c, args.dit_twins, p))
+        print(rows[-1], flush=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    for b in listed(args.codec_batches, int):
         rows.append(codec_row(b, args.device, args.steps, args.warmup))
         print(rows[-1], flush=True)
     if args.json:

@@ -1,58 +1,64 @@
-"""Experiment: contrastive guidance on the opening chunk only (ninth model, CPU)."""
-import sys, json, re, time, torch
-from instrument.engine import stream as S
-from instrument.engine.stream import Engine
+"""Experiment: contrastive guidance on the opening chunk only (ninth model, CPU).
+
+    python bench/sketch-2026-12-03-clip-swap/opening-guidance.py MODEL W:NEGATIVES:STEPS ...
+
+The stream samples as the engine does (Stream._launch, unchanged); only the DiT pass the opening chunk's
+first STEPS steps call is wrapped: v = v_neg + w (v - v_neg), v_neg the mean velocity of the negatives
+("shapes": the caption with each other shape word, "empty": the empty caption, "drop": the caption
+without its shape word). The clean pass (step CONTEXT_STEP) and later chunks are left alone."""
+import re
+import sys
+import time
+
+from instrument.engine.stream import Engine, Stream
 from instrument.sketch import data, shapes, evaluate as ev
 
 MODE = {"w": 0.0, "neg": "shapes", "steps": 4}
 
-orig_launch = S.Stream._launch
+
 def negatives(text):
-    d = data.describe(text)
-    shape = d.groups[0].shape
+    shape = data.describe(text).groups[0].shape
     if MODE["neg"] == "empty":
         return [""]
     if MODE["neg"] == "drop":
         return [re.sub(rf"\b{shape}\b ?", "", text)]
     return [re.sub(rf"\b{shape}\b", s, text) for s in data.SHAPES if s != shape]
 
+
+def guided(runner, stream):
+    """The engine's pass, guided while the stream draws its opening chunk."""
+    def run(x, t, context, cache, rope, step, steps):
+        v = runner(x, t, context, cache, rope, step, steps)
+        if stream.frame != 0 or MODE["w"] == 0.0 or not 0 <= step < MODE["steps"]:
+            return v
+        e = stream.engine
+        negs = [e.dit.prompt_context(e.text.encode(n).embeddings) for n in negatives(stream.prompt.text)]
+        vn = sum(runner(x, t, c, cache, rope, step, steps).float() for c in negs) / len(negs)
+        return (vn + MODE["w"] * (v.float() - vn)).to(v.dtype)
+    return run
+
+
+original_launch = Stream._launch
+
+
 def launch(self):
-    if self.frame != 0 or MODE["w"] == 0.0:
-        return orig_launch(self)
     e = self.engine
-    t0 = time.perf_counter()
-    arrived = e.params.take_arrivals()
-    self._take_controls()
-    s = self.settings
-    first = self.frame
-    self.cache.place(first, s.chunk)
-    rope = S.rope_tables(self.grid, first, e.dit.head_dim, device=e.device)
-    negs = [e.dit.prompt_context(e.text.encode(n).embeddings) for n in negatives(self.prompt.text)]
-    sigmas = s.sigmas
-    x = self._noise(); x0 = x
-    for step, sigma in enumerate(sigmas):
-        t = torch.full((1,), sigma * 1000.0, device=e.device)
-        v = e.runner(x, t, self.context, self.cache, rope, step, len(sigmas)).float()
-        if step < MODE["steps"]:
-            vn = sum(e.runner(x, t, c, self.cache, rope, step, len(sigmas)).float() for c in negs) / len(negs)
-            v = vn + MODE["w"] * (v - vn)
-        x0 = (x.float() - sigma * v).to(e.dtype)
-        if step + 1 < len(sigmas):
-            nxt = sigmas[step + 1]
-            noise = x0.float() + v
-            x = ((1.0 - nxt) * x0.float() + nxt * noise).to(e.dtype)
-    self._keep(x0, first, rope)
-    return S._Launched(first, x0, arrived, t0, time.perf_counter(), None)
-S.Stream._launch = launch
+    plain, e.runner = e.runner, guided(e.runner, self)
+    try:
+        return original_launch(self)
+    finally:
+        e.runner = plain
+
+
+Stream._launch = launch
 
 engine = Engine.load(sys.argv[1], device="cpu")
 reader = shapes.train(frames=6000)
-res = {}
 for spec in sys.argv[2:]:
     w, neg, steps = spec.split(":")
     MODE.update(w=float(w), neg=neg, steps=int(steps))
     t = time.time()
     r = ev.shape_following(engine, reader, 100)
     pf = ev.prompt_following(engine, 50) if float(w) else None
-    res[spec] = (r["shape"], r["one_piece"], None if pf is None else (pf["object_colour"], pf["background_colour"]))
-    print(spec, res[spec], [round(x, 2) for x in r["frames_ok_by_index"][::4]], f"{time.time()-t:.0f}s", flush=True)
+    print(spec, (r["shape"], r["one_piece"], None if pf is None else (pf["object_colour"], pf["background_colour"])),
+          [round(x, 2) for x in r["frames_ok_by_index"][::4]], f"{time.time() - t:.0f}s", flush=True)

@@ -457,15 +457,19 @@ class Trainer:
                       "of forward build them)")
 
     # -- batches: a function of (seed, stage, step) only --------------------------------------------------
+    def _seed_base(self, stage: int, step: int, count: int) -> int:
+        """The seed of a step's first clip: each stage's clips, step by step, come from seeds of their own."""
+        return (self.cfg.seed * 1_000_003 + stage) * 2**40 + step * count
+
     def _specs(self, stage: int, step: int, count: int):
-        base = (self.cfg.seed * 1_000_003 + stage) * 2**40 + step * count
+        base = self._seed_base(stage, step, count)
         return [data.sample(base + j, self.cfg.object_scale, self.cfg.upright) for j in range(count)]
 
     def _step_args(self, stage: int, twin_stage: int, step: int, count: int) -> tuple:
         """data.step_specs' arguments for a DiT step's clips (stage 2: its full clips, 4: its openings)."""
         cfg = self.cfg
-        return ((cfg.seed * 1_000_003 + stage) * 2**40 + step * count, count, cfg.object_scale, cfg.upright,
-                self.twin_pairs(count), [cfg.seed, twin_stage, step])
+        return (self._seed_base(stage, step, count), count, cfg.object_scale, cfg.upright, self.twin_pairs(count),
+                [cfg.seed, twin_stage, step])
 
     def _step_specs(self, stage: int, twin_stage: int, step: int, count: int) -> list:
         """A DiT step's clip specs, twin pairs leading; drawn ahead by the prefetching worker when one runs
