@@ -612,7 +612,21 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, main_her
     r = main_here(train.main, *cmd[3:-4], "--export-only", tmp_path / "look")
     assert r.returncode == 0, r.stderr
     index = json.loads((tmp_path / "look" / "model_index.json").read_text())
-    assert index["sketch"]["steps"] == {"codec": 2, "dit": 3}
+    assert index["sketch"]["steps"] == {"codec": 2, "dit": 3} and index["sketch"]["weights"] == "ema"
+    # the training weights instead of the EMA: what the EMA's lag costs, measured on both folders
+    r = main_here(train.main, *cmd[3:-4], "--export-only", tmp_path / "raw", "--export-weights", "training")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Trainer.latest(out) / "state.safetensors"))
+    for name, key in (("look", "ema.transformer."), ("raw", "transformer.")):
+        folder = tmp_path / name
+        weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+        assert weights and all(torch.equal(v.float(), saved[key + k].float()) for k, v in weights.items())
+    assert json.loads((tmp_path / "raw" / "model_index.json").read_text())["sketch"]["weights"] == "training"
+    assert not torch.equal(saved["ema.transformer.proj_out.weight"], saved["transformer.proj_out.weight"])
+    r = main_here(train.main, *cmd[3:-4], "--dit-steps", "4", "--resume", "--export-weights", "training")
+    assert r.returncode == 2 and "--export-only" in r.stderr and "Traceback" not in r.stderr
     r = main_here(train.main, "--out", tmp_path / "empty", "--export-only")
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 

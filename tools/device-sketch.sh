@@ -21,7 +21,9 @@
 # `train` options), COMPILE (1 or a torch.compile mode: train --compile [MODE], at start and at more),
 # CHECKPOINT_EVERY (steps, 1500; each DiT checkpoint is exported and evaluated, one at a time). $OUT
 # receives the log, the evaluations (evals.tgz), the newest evaluated checkpoint's model
-# (latest-model.tar.part-*) and, at finish, model.tar.part-* (join with `cat model.tar.part-* | tar x`).
+# (latest-model.tar.part-*) and, at finish and stop, model.tar.part-* (join with `cat model.tar.part-* | tar x`)
+# in its place; with TRAINING_WEIGHTS=1 also training-model.tar.part-*, the last checkpoint's training weights
+# rather than their EMA (`train --export-weights training`: what the EMA's lag costs).
 set -u
 phase=${1:?start, watch, finish, stop, more or times}
 DEVICE=${DEVICE:-cuda}
@@ -126,7 +128,6 @@ stop)
   tail -n 3 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
   tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
-  ls -l "$OUT"
   ;;
 finish)
   while training; do sleep 5; done
@@ -138,7 +139,19 @@ finish)
   tail -n 5 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
   tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
-  ls -l "$OUT"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
+esac
+
+case $phase in
+stop|finish)
+  # the model that came back supersedes the newest checkpoint's (and $OUT holds at most 8 files)
+  rm -f "$OUT"/latest-model.tar.part-*
+  if [ "${TRAINING_WEIGHTS:-0}" = 1 ]; then
+    python3 -m instrument.sketch.train --out "$RUN" --export-only "$RUN/training-model" --export-weights training \
+      2>&1 | tail -n 1
+    tar -C "$RUN" -cf - training-model | split -b 15m - "$OUT/training-model.tar.part-"
+  fi
+  ls -l "$OUT"
+  ;;
 esac

@@ -60,6 +60,8 @@ TEXT_ENCODER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, r
                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 CODEC = dict(widths=(24, 48), latent_width=96, z_dim=16)
 MAX_BYTES = 25 * 10**6
+# what a model folder's DiT weights are: the EMA (shipped), or the optimizer's own, the EMA's lag measured
+EXPORT_WEIGHTS = ("ema", "training")
 SWAP_MIN_SIGMA = 0.5  # Config.opening_swap's and Config.clip_swap's lowest sigma
 
 
@@ -879,8 +881,9 @@ class Trainer:
         self._previous = path.name
 
     # -- export -----------------------------------------------------------------------------------------------
-    def export(self, folder: str | Path | None = None) -> Path:
-        """The model folder: EMA weights of the transformer and text encoder, the codec, the tokenizer."""
+    def export(self, folder: str | Path | None = None, weights: str = "ema") -> Path:
+        """The model folder: EMA weights of the transformer and text encoder (weights="training": the weights
+        the optimizer holds, to see what the EMA's lag costs), the codec, the tokenizer."""
         from diffusers import WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
@@ -889,7 +892,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         transformer = WanTransformer3DModel(**self.cfg.transformer)
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(self.tokenizer), **self.cfg.text_encoder))
-        ema = {k: v.detach().float().cpu() for k, v in self.ema.items()}
+        if weights not in EXPORT_WEIGHTS:
+            raise ValueError(f"weights {weights!r}: one of {', '.join(EXPORT_WEIGHTS)}")
+        source = self.ema if weights == "ema" else self._dit_params()
+        ema = {k: v.detach().float().cpu() for k, v in source.items()}
         transformer.load_state_dict({k[len("transformer."):]: v for k, v in ema.items()
                                      if k.startswith("transformer.")}, strict=True)
         missing, unexpected = text_encoder.load_state_dict(
@@ -910,7 +916,7 @@ class Trainer:
                        "sink": self.cfg.sink, "window": self.cfg.window, "text_len": self.cfg.text_len,
                        "shift": self.cfg.shift, "sampler": self.cfg.sampler,
                        "schedule": list(self.cfg.schedule), "object_scale": self.cfg.object_scale,
-                       "upright": self.cfg.upright,
+                       "upright": self.cfg.upright, "weights": weights,
                        # milliseconds: a run of a few tiny steps (the tests') still records that it took time
                        "steps": self.steps, "elapsed": {k: round(v, 3) for k, v in self.elapsed.items()}},
         }, indent=1))
@@ -1084,13 +1090,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write the model folder (default OUT/model) from the latest checkpoint and stop; "
                              "safe while a run is still training into OUT; --schedule and --shift here set the "
                              "sampling the folder names (one measured with evaluate --schedule)")
+    parser.add_argument("--export-weights", choices=EXPORT_WEIGHTS, default="ema",
+                        help="with --export-only: the DiT's EMA weights (default, what a run exports) or the "
+                             "training weights the optimizer holds (what the EMA's lag behind them costs)")
 
 
 def run(args) -> int:
     out = Path(args.out)
     latest = Trainer.latest(out)
     if args.export_only is not None:
-        return export_only(out, latest, args.export_only or None, args.schedule, args.shift)
+        return export_only(out, latest, args.export_only or None, args.schedule, args.shift, args.export_weights)
+    if args.export_weights != "ema":
+        raise UserError("--export-weights goes with --export-only (a run exports its EMA weights)")
     if args.minutes is None and (args.dit_steps is None or (args.codec_steps is None and not args.codec_from
                                                             and not args.dit_from)):
         raise UserError("give --minutes, or both --codec-steps and --dit-steps (--dit-steps alone with --codec-from "
@@ -1200,7 +1211,7 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def export_only(out: Path, latest: Path | None, folder: str | None, schedule: str | None = None,
-                shift: float | None = None) -> int:
+                shift: float | None = None, weights: str = "ema") -> int:
     """The model as of the latest checkpoint (a look at a run in progress), exported on the CPU, optionally
     naming another sampling schedule than the one it trained with."""
     if latest is None:
@@ -1214,7 +1225,7 @@ def export_only(out: Path, latest: Path | None, folder: str | None, schedule: st
     trainer.load_checkpoint(latest, noise=False)
     if trainer.steps["dit"] == 0:
         raise UserError(f"checkpoint {latest.name}: the DiT has not trained yet (codec stage)")
-    trainer.export(folder)
+    trainer.export(folder, weights)
     return 0
 
 
