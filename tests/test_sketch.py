@@ -631,6 +631,36 @@ def test_command_line_trains_refuses_to_overwrite_and_resumes(tmp_path, main_her
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+class LrTrainer(Trainer):
+    """Records the DiT's learning rate at each step."""
+
+    def _step(self, loss, opt, params, step, base_lr):
+        super()._step(loss, opt, params, step, base_lr)
+        if opt is self.dit_opt:
+            self.rates.append(opt.param_groups[0]["lr"])
+
+
+def test_the_learning_rate_cools_down_over_the_last_share_of_the_dit_budget(tmp_path):
+    """--dit-cooldown F: full rate (after the warm-up) until the last F of the DiT's steps, then linearly to 0;
+    counted over the whole run, so a part that went on with --dit-from cools down where the whole would."""
+    cfg = dataclasses.replace(Config.tiny(), warmup=1, dit_cooldown=0.5)
+    whole = LrTrainer(tmp_path / "whole", cfg, progress=quiet)
+    whole.rates = []
+    whole.run(None, codec_steps=1, dit_steps=8, checkpoint_every=0)
+    lr = cfg.dit_lr
+    assert whole.rates == pytest.approx([lr, lr, lr, lr, lr, lr * 0.75, lr * 0.5, lr * 0.25])
+    part = LrTrainer(tmp_path / "part", cfg, progress=quiet)
+    part.rates = []
+    part.take_model(whole.export(tmp_path / "first-model"))  # steps go on from 8
+    part.run(None, dit_steps=12, checkpoint_every=0)
+    assert part.rates == pytest.approx([lr * (1 - k / 12) / 0.5 for k in range(8, 12)])
+    # without it the rate stays where the warm-up left it
+    flat = LrTrainer(tmp_path / "flat", dataclasses.replace(cfg, dit_cooldown=0.0), progress=quiet)
+    flat.rates = []
+    flat.run(None, codec_steps=1, dit_steps=4, checkpoint_every=0)
+    assert flat.rates == pytest.approx([lr] * 4)
+
+
 def test_a_run_whose_machine_was_lost_goes_on_from_its_exported_model(tmp_path, main_here):
     """--dit-from MODEL: a new run takes an exported folder's DiT (its EMA weights, live and EMA), its codec, its
     step count and minutes, and trains on with a fresh optimizer whose learning rate warms up again; another
@@ -711,6 +741,10 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     assert all(len(v) == len(evaluate.WORD_SIGMAS) and all(x >= 0 for x in v) for v in words["ratio"].values())
     ablation = report["word_ablation"]
     assert ablation["mix0_exact"] is True and ablation["changed_latents"] == 1.0  # the bend acts; mix 0 is silent
+    ground = ablation["background"]  # the background's colour word, where it is not grey nor the object's
+    rows = [row for row in ablation["rows"] if "background" in row]
+    assert ground["captions"] == len(rows) == 2 and 0 <= ground["removed_in"] <= 2  # red on orange, brown on cyan
+    assert all(0.0 <= row["background_before"] <= 1.0 and 0.0 <= row["background_after"] <= 1.0 for row in rows)
     from PIL import Image
 
     rows = len(evaluate.STRIP_PROMPTS)
@@ -1096,7 +1130,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
-                  "--opening-swap", "--clip-swap")
+                  "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -1110,6 +1144,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["transformer"]["num_layers"] == 1
     assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
     assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
+    assert state["config"]["dit_cooldown"] == 0.25
     exported = json.loads((out / "model" / "transformer" / "config.json").read_text())
     assert exported["patch_size"] == [1, 1, 1] and exported["num_layers"] == 1
     assert (exported["num_attention_heads"], exported["attention_head_dim"], exported["ffn_dim"]) == (3, 12, 40)
@@ -1195,11 +1230,14 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
         data.sample(1, 0.0)
 
 
-def test_the_shipped_model_follows_background_words_and_ablating_one_removes_its_colour():
+def test_the_shipped_model_follows_background_words_and_ablating_the_object_colour_word_removes_it():
     """The trained weights in the package: on fresh captions the stream's background is the captioned colour
-    (100 of 100 held-out captions in the README's evaluation), and taking that colour word's cross-attention
-    away (cross.gain 0 on its tokens) takes the colour away. Grey is left out: it is where the model goes
-    when no colour word reaches it."""
+    (100 of 100 held-out captions in the README's evaluation), and taking the object's colour word's
+    cross-attention away (cross.gain 0 on its tokens) takes the object's colour away (README: 0.120 -> 0.004 of
+    the frame). The background's colour word no longer goes so in the shipped (eleventh) run's model, which
+    reads the background's colour from the caption's other tokens too: `evaluate`'s word ablation measures it
+    (README), the models before it lost their background's colour to it. Grey is left out: it is where the
+    model goes when no colour word reaches it."""
     import random
 
     from instrument.bends.patch import apply_patch, parse_patch
@@ -1211,17 +1249,20 @@ def test_the_shipped_model_follows_background_words_and_ablating_one_removes_its
     specs = []
     while len(specs) < 4:
         spec = data.sample(rng.randrange(evaluate.HELD_OUT, 2 * evaluate.HELD_OUT))
-        if spec.description.background_colour not in ("grey", "gray"):
+        desc = spec.description
+        if (len(desc.groups) == 1 and desc.background_colour not in ("grey", "gray")
+                and desc.groups[0].colour != desc.background_colour):
             specs.append(spec)
     follows = removed = 0
     for j, spec in enumerate(specs):
-        colour = spec.description.background_colour
+        ground, colour = spec.description.background_colour, spec.description.groups[0].colour
         apply_patch(engine, unbent)
         before = evaluate.stream_frames(engine, spec.caption, 21, seed=j)
         apply_patch(engine, parse_patch(evaluate.ablation_patch(colour), "<ablate>", engine.dims))
         after = evaluate.stream_frames(engine, spec.caption, 21, seed=j)
-        follows += sum(data.background_colour(f) == colour for f in before) >= 18
-        removed += sum(data.background_colour(f) == colour for f in after) <= 3
+        follows += sum(data.background_colour(f) == ground for f in before) >= 18
+        share = evaluate.colour_share(before, colour)
+        removed += share > 0.01 and evaluate.colour_share(after, colour) <= 0.5 * share
     assert follows >= 3 and removed >= 3, (follows, removed, [s.caption for s in specs])
 
 

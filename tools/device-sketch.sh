@@ -57,7 +57,7 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
 report() {
   cp "$log" "$OUT/" 2>/dev/null
   for f in "$RUN"/evals/*.log; do
-    [ -e "$f" ] && grep -hE "prompt following on|shape following \(stream\) on|word use \(|shape denoising \(" "$f" | sed "s|^|$(basename "$f" .log): |"
+    [ -e "$f" ] && grep -hE "prompt following on|shape following \(stream\) on|word use \(|shape denoising \(|word ablation" "$f" | sed "s|^|$(basename "$f" .log): |"
   done
   tar -C "$RUN" -czf "$OUT/evals.tgz" --exclude='*-model' evals 2>/dev/null
   # the newest exported checkpoint comes back each call, so a machine taken back mid-run loses little
@@ -85,6 +85,9 @@ evaluate)
   # whether it uses its colour, shape and background words (seconds; README: word use)
   OMP_NUM_THREADS=2 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only words \
     --json "$RUN/evals/$name-words.json" >"$RUN/evals/$name-words.log" 2>&1 &
+  # whether ablating a colour word takes its colour away, the object's and the background's (README: word ablation)
+  OMP_NUM_THREADS=2 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only ablation \
+    --ablations 10 --json "$RUN/evals/$name-ablation.json" >"$RUN/evals/$name-ablation.log" 2>&1 &
   # whether a shape word overrides the outline the noised frames show (README: shape denoising)
   OMP_NUM_THREADS=3 python3 -m instrument.sketch.evaluate --model "$RUN/evals/$name-model" --only denoising \
     --shape-frames 6000 --json "$RUN/evals/$name-denoising.json" >"$RUN/evals/$name-denoising.log" 2>&1 &

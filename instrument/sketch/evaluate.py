@@ -31,7 +31,8 @@ model would reach on the same captions, and the clips through the codec, encoded
   It places a shape failure: a model that keeps outlines at low noise and ignores the word at all noise
   levels draws the right shape only by chance in a stream, whose outline is decided at high noise.
 - word ablation: a colour word's cross-attention taken away (cross.gain 0 on its tokens, every layer and
-  step); that colour's share of the frame before and after, and mix 0 giving the unbent frames exactly.
+  step); that colour's share of the frame before and after, and mix 0 giving the unbent frames exactly;
+  then the background's colour word likewise, the frames whose background still reads as that colour.
 """
 
 from __future__ import annotations
@@ -446,13 +447,32 @@ def word_ablation(engine, captions: int = 20, frames: int = 21, chunk: int = 3, 
         rows.append({"caption": spec.caption, "word": word, "before": colour_share(before, word),
                      "after": colour_share(after, word)})
         progress(f"ablation {j + 1}/{len(specs)}: '{word}' covers {rows[-1]['before']:.3f} -> {rows[-1]['after']:.3f}")
+        # the background's colour word too (grey is what the model paints for no colour word, so it cannot go)
+        ground = spec.description.background_colour
+        if ground not in ("grey", "gray") and ground != word:
+            apply_patch(engine, parse_patch(ablation_patch(ground), "<ablate>", engine.dims))
+            after = stream_chunks(engine, spec.caption, frames, seed=j, chunk=chunk)[0]
+            rows[-1].update(background=ground, background_before=background_share(before, ground),
+                            background_after=background_share(after, ground))
     apply_patch(engine, unbent_patch)
     before = float(np.mean([r["before"] for r in rows]))
     after = float(np.mean([r["after"] for r in rows]))
+    grounds = [r for r in rows if "background" in r]
     return {"captions": len(rows), "share_before": before, "share_after": after,
             "removed": 1.0 - after / before if before > 0 else 0.0,
             "lower_in": sum(r["after"] < r["before"] for r in rows) / len(rows),
-            "changed_latents": changed / len(rows), "mix0_exact": exact, "rows": rows}
+            "changed_latents": changed / len(rows), "mix0_exact": exact,
+            # of the frames whose background reads as the caption's colour, before and after ablating that word
+            "background": {"captions": len(grounds),
+                           "frames_before": float(np.mean([r["background_before"] for r in grounds] or [0.0])),
+                           "frames_after": float(np.mean([r["background_after"] for r in grounds] or [0.0])),
+                           "removed_in": sum(r["background_after"] <= 0.15 for r in grounds)},
+            "rows": rows}
+
+
+def background_share(video, colour: str) -> float:
+    """Fraction of the frames whose background reads as this colour."""
+    return float(np.mean([data.background_colour(f) == colour for f in video]))
 
 
 def write_strip(engine, path: str | Path, prompts=STRIP_PROMPTS, columns: int = 6, every: int = 8,
@@ -597,6 +617,9 @@ def run(args) -> int:
         a = report["word_ablation"] = word_ablation(engine, args.ablations, progress=progress)
         progress(f"word ablation: colour share {a['share_before']:.3f} -> {a['share_after']:.3f} "
                  f"({a['removed']:.0%} removed, lower in {a['lower_in']:.0%}); mix 0 exact: {a['mix0_exact']}")
+        g = a["background"]
+        progress(f"background word ablation on {g['captions']} captions: the background reads as its colour in "
+                 f"{g['frames_before']:.0%} -> {g['frames_after']:.0%} of the frames; gone in {g['removed_in']}")
     if "strip" in only and args.strip:
         progress(f"strip written to {write_strip(engine, args.strip, scale=args.strip_scale)}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
