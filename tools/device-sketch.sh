@@ -24,11 +24,14 @@
 # (latest-model.tar.part-*) and, at finish and stop, model.tar.part-* (join with `cat model.tar.part-* | tar x`)
 # in its place; with TRAINING_WEIGHTS=1 also training-model.tar.part-*, the last checkpoint's training weights
 # rather than their EMA (`train --export-weights training`: what the EMA's lag costs).
+# Two runs side by side on one GPU (an A/B in one session's device time): give each its own RUN and a TAG
+# that prefixes its files in $OUT (TAG=a- RUN=runs/a ...; $OUT takes 8 files in all, so 4 a run).
 set -u
 phase=${1:?start, watch, finish, stop, more or times}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-default}
 RUN=${RUN:-runs/sketch}
+TAG=${TAG:-}
 . "$(dirname "$0")/device-env.sh"
 mkdir -p "$RUN/evals"
 log=$RUN/train.log
@@ -55,14 +58,14 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
 }
 
 report() {
-  cp "$log" "$OUT/" 2>/dev/null
+  cp "$log" "$OUT/${TAG}train.log" 2>/dev/null
   for f in "$RUN"/evals/*.log; do
     [ -e "$f" ] && grep -hE "prompt following on|shape following \(stream\) on|word use \(|shape denoising \(|word ablation" "$f" | sed "s|^|$(basename "$f" .log): |"
   done
-  tar -C "$RUN" -czf "$OUT/evals.tgz" --exclude='*-model' evals 2>/dev/null
+  tar -C "$RUN" -czf "$OUT/${TAG}evals.tgz" --exclude='*-model' evals 2>/dev/null
   # the newest exported checkpoint comes back each call, so a machine taken back mid-run loses little
   latest=$(ls -td "$RUN"/evals/*-model 2>/dev/null | head -1)
-  [ -n "$latest" ] && tar -C "$(dirname "$latest")" -cf - "$(basename "$latest")" | split -b 15m - "$OUT/latest-model.tar.part-"
+  [ -n "$latest" ] && tar -C "$(dirname "$latest")" -cf - "$(basename "$latest")" | split -b 15m - "$OUT/${TAG}latest-model.tar.part-"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   true
 }
@@ -130,7 +133,7 @@ stop)
   while training; do sleep 2; done
   tail -n 3 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
-  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
+  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/${TAG}model.tar.part-"
   ;;
 finish)
   while training; do sleep 5; done
@@ -141,7 +144,7 @@ finish)
   fi
   tail -n 5 "$log"; report
   [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
-  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
+  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/${TAG}model.tar.part-"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
@@ -149,11 +152,11 @@ esac
 case $phase in
 stop|finish)
   # the model that came back supersedes the newest checkpoint's (and $OUT holds at most 8 files)
-  rm -f "$OUT"/latest-model.tar.part-*
+  rm -f "$OUT/${TAG}"latest-model.tar.part-*
   if [ "${TRAINING_WEIGHTS:-0}" = 1 ]; then
     python3 -m instrument.sketch.train --out "$RUN" --export-only "$RUN/training-model" --export-weights training \
       2>&1 | tail -n 1
-    tar -C "$RUN" -cf - training-model | split -b 15m - "$OUT/training-model.tar.part-"
+    tar -C "$RUN" -cf - training-model | split -b 15m - "$OUT/${TAG}training-model.tar.part-"
   fi
   ls -l "$OUT"
   ;;
