@@ -1,7 +1,7 @@
 """One-off (2026-12-03): ablate the background colour word (cross.gain 0) of held-out captions and count the
 frames (of 21) whose background still reads as that colour. `python background-ablation.py MODEL [CAPTIONS]`
 from the repository root; output in background-ablation.txt (ninth, eleventh, eleventh at 2,400 steps)."""
-import sys, random
+import sys
 from instrument.engine.stream import Engine
 from instrument.sketch import data, evaluate
 from instrument.bends.patch import apply_patch, parse_patch

@@ -1,6 +1,6 @@
 """One-off (2026-12-03): how far swapping the background colour word moves each token's text-encoder output
 (norm of the change over the norm), per model; output in encoder-mixing.txt (ninth, then eleventh)."""
-import sys, torch
+import sys
 from transformers import UMT5EncoderModel, AutoTokenizer
 for m in sys.argv[1:]:
     enc = UMT5EncoderModel.from_pretrained(m, subfolder="text_encoder").eval()
