@@ -53,8 +53,8 @@ class StreamSettings:
     shift: float = SHIFT
     # Between steps: "renoise" draws fresh noise around the predicted x0, as the Self-Forcing family does
     # (their generators are distilled to predict sharp samples); "ddim" keeps the noise the model implies,
-    # which a plain flow-matching model (the sketch model) needs: its x0 is a mean over what the noise
-    # leaves open, and fresh noise around a mean never commits to one picture.
+    # which a plain flow-matching model whose x0 is still a blur needs (the sketch models up to the ninth
+    # run: fresh noise around a mean never committed to one picture). A model folder names its own.
     sampler: str = "renoise"
     # Decode chunk i on a second CUDA stream while chunk i+1's DiT runs (the DiT of i+1 is launched before
     # chunk i is returned, with the knobs as they are then). On the CPU it changes the order, not the speed.
