@@ -586,8 +586,40 @@ def test_exported_folder_loads_through_the_engine(tmp_path):
     assert shapes == [(5, 32, 32, 3), (8, 32, 32, 3), (8, 32, 32, 3)]
 
 
+def test_a_half_precision_folder_streams_as_the_full_precision_one(tmp_path):
+    """export_dtype float16: the DiT and text encoder stored in half the bytes, loaded by the engine as float32,
+    stream what the float32 folder streams up to the rounding of the weights (2^-11 relative); --dit-from
+    takes it; the default config stored so has room for twice its DiT's parameters."""
+    trainer = Trainer(tmp_path / "run", Config.tiny(), progress=quiet)
+    trainer.run(None, codec_steps=2, dit_steps=3, checkpoint_every=0)
+    full = trainer.export(tmp_path / "full")
+    trainer.cfg.export_dtype = "float16"
+    half = trainer.export(tmp_path / "half")
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (half / weights).stat().st_size < 0.55 * (full / weights).stat().st_size
+    prompt = "a red circle moving left over a blue striped background"
+    chunks = {}
+    for name, folder in (("full", full), ("half", half)):
+        engine = Engine.load(str(folder), progress=quiet)
+        assert next(engine.components.transformer.parameters()).dtype == torch.float32
+        stream = engine.stream(prompt, seed=3, chunk=2, sink=2, window=4)
+        chunks[name] = torch.cat([stream.next().latents.float() for _ in range(3)], dim=2)
+    scale = chunks["full"].abs().max()
+    assert 0 < (chunks["half"] - chunks["full"]).abs().max() <= 2e-3 * scale
+    again = Trainer(tmp_path / "again", Config.tiny(), progress=quiet)
+    again.take_model(half)
+    rounded = {k: v.half().float() for k, v in trainer.ema.items()}
+    assert all(torch.equal(p, rounded[k]) for k, p in again._dit_params().items())
+
+
 def test_default_config_fits_the_size_budget(tmp_path):
     folder = Trainer(tmp_path, Config()).export()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= MAX_BYTES, size
+    # stored in float16, a DiT of twice the layers fits too
+    double = Config(transformer=dict(train.TRANSFORMER, num_layers=2 * train.TRANSFORMER["num_layers"]),
+                    export_dtype="float16")
+    folder = Trainer(tmp_path / "double", double).export()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= MAX_BYTES, size
 
@@ -1130,7 +1162,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
-                  "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25")
+                  "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25", "--export-dtype", "float16")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -1144,7 +1176,11 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["transformer"]["num_layers"] == 1
     assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
     assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
-    assert state["config"]["dit_cooldown"] == 0.25
+    assert state["config"]["dit_cooldown"] == 0.25 and state["config"]["export_dtype"] == "float16"
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
     exported = json.loads((out / "model" / "transformer" / "config.json").read_text())
     assert exported["patch_size"] == [1, 1, 1] and exported["num_layers"] == 1
     assert (exported["num_attention_heads"], exported["attention_head_dim"], exported["ffn_dim"]) == (3, 12, 40)

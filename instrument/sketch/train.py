@@ -62,6 +62,9 @@ CODEC = dict(widths=(24, 48), latent_width=96, z_dim=16)
 MAX_BYTES = 25 * 10**6
 # what a model folder's DiT weights are: the EMA (shipped), or the optimizer's own, the EMA's lag measured
 EXPORT_WEIGHTS = ("ema", "training")
+# how the folder stores the DiT and text encoder: float16 halves them (the engine loads either as its own
+# dtype), room under MAX_BYTES for a DiT twice the shipped one's parameters
+EXPORT_DTYPES = ("float32", "float16")
 SWAP_MIN_SIGMA = 0.5  # Config.opening_swap's and Config.clip_swap's lowest sigma
 
 
@@ -78,6 +81,7 @@ class Config:
     shift: float = SHIFT  # the 4 timesteps below warped with this shift are the sigmas trained on
     schedule: tuple = SCHEDULE  # timesteps (0..1000) the engine samples with, one per step
     sampler: str = "ddim"  # how the engine samples it (plain flow matching: keep the implied noise)
+    export_dtype: str = "float32"  # EXPORT_DTYPES: how the model folder stores the DiT and text encoder
     # Share of chunks whose sigma is drawn uniformly in (0, 1) instead of from the schedule: the model then
     # serves other 4-step schedules too, so the shipped schedule is chosen by measuring (evaluate --schedule)
     # rather than fixed before training.
@@ -917,6 +921,9 @@ class Trainer:
         text_encoder.tie_weights()
         transformer.save_pretrained(tmp / "transformer")
         text_encoder.save_pretrained(tmp / "text_encoder")
+        if self.cfg.export_dtype != "float32":
+            for part in ("transformer", "text_encoder"):
+                _store_as(tmp / part, getattr(torch, self.cfg.export_dtype))
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         self.codec.save(tmp / "codec")
         (tmp / "model_index.json").write_text(json.dumps({
@@ -1114,6 +1121,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write the model folder (default OUT/model) from the latest checkpoint and stop; "
                              "safe while a run is still training into OUT; --schedule and --shift here set the "
                              "sampling the folder names (one measured with evaluate --schedule)")
+    parser.add_argument("--export-dtype", choices=EXPORT_DTYPES, default=None,
+                        help="how the model folder stores the DiT and text encoder (default float32; float16 "
+                             "halves them, room for a larger DiT within the 25 MB); a new run's, or with "
+                             "--export-only this folder's")
     parser.add_argument("--export-weights", choices=EXPORT_WEIGHTS, default="ema",
                         help="with --export-only: the DiT's EMA weights (default, what a run exports) or the "
                              "training weights the optimizer holds (what the EMA's lag behind them costs)")
@@ -1123,7 +1134,8 @@ def run(args) -> int:
     out = Path(args.out)
     latest = Trainer.latest(out)
     if args.export_only is not None:
-        return export_only(out, latest, args.export_only or None, args.schedule, args.shift, args.export_weights)
+        return export_only(out, latest, args.export_only or None, args.schedule, args.shift, args.export_weights,
+                           args.export_dtype)
     if args.export_weights != "ema":
         raise UserError("--export-weights goes with --export-only (a run exports its EMA weights)")
     if args.minutes is None and (args.dit_steps is None or (args.codec_steps is None and not args.codec_from
@@ -1145,6 +1157,8 @@ def run(args) -> int:
             cfg.shift = args.shift
         if args.sampler is not None:
             cfg.sampler = args.sampler
+        if args.export_dtype is not None:
+            cfg.export_dtype = args.export_dtype
         if args.schedule is not None:
             cfg.schedule = parse_schedule(args.schedule)
         # (option, accepted, what it must be, and the transformer config key it sets, or None: the Config field)
@@ -1223,6 +1237,21 @@ def run(args) -> int:
     return 0
 
 
+def _store_as(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved folder's safetensors with their floating-point tensors in `dtype` (the files, not the
+    module: casting a diffusers model itself warns of the modules it keeps in float32 to run, which is not
+    at issue for storage; the loaders cast back to the dtype they run in)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
+                  metadata=metadata)
+
+
 def parse_schedule(text: str) -> tuple[float, ...]:
     try:
         steps = tuple(float(t) for t in text.split(","))
@@ -1236,7 +1265,7 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def export_only(out: Path, latest: Path | None, folder: str | None, schedule: str | None = None,
-                shift: float | None = None, weights: str = "ema") -> int:
+                shift: float | None = None, weights: str = "ema", dtype: str | None = None) -> int:
     """The model as of the latest checkpoint (a look at a run in progress), exported on the CPU, optionally
     naming another sampling schedule than the one it trained with."""
     if latest is None:
@@ -1246,6 +1275,8 @@ def export_only(out: Path, latest: Path | None, folder: str | None, schedule: st
         cfg.schedule = parse_schedule(schedule)
     if shift is not None:
         cfg.shift = shift
+    if dtype is not None:
+        cfg.export_dtype = dtype
     trainer = Trainer(out, cfg, "cpu")
     trainer.load_checkpoint(latest, noise=False)
     if trainer.steps["dit"] == 0:
