@@ -162,8 +162,8 @@ class Config:
     dit_lr: float = 3e-4
     # The last share of the DiT's budget (its minutes, or --dit-steps; counted over every part of a run, a
     # --dit-from part's included) over which the learning rate falls linearly to 0. At a constant rate the
-    # eleventh run's shapes stopped climbing at about 80-85% from a third of the way on: the rate's noise,
-    # which a cooldown takes out at the end.
+    # eleventh run's shapes stopped climbing at about 80-85% from a third of the way on; if that is the
+    # rate's noise, a cooldown takes it out at the end.
     dit_cooldown: float = 0.0
     warmup: int = 200
     weight_decay: float = 0.01
@@ -911,11 +911,11 @@ class Trainer:
         if weights not in EXPORT_WEIGHTS:
             raise ValueError(f"weights {weights!r}: one of {', '.join(EXPORT_WEIGHTS)}")
         source = self.ema if weights == "ema" else self._dit_params()
-        ema = {k: v.detach().float().cpu() for k, v in source.items()}
-        transformer.load_state_dict({k[len("transformer."):]: v for k, v in ema.items()
+        state = {k: v.detach().float().cpu() for k, v in source.items()}
+        transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items()
                                      if k.startswith("transformer.")}, strict=True)
         missing, unexpected = text_encoder.load_state_dict(
-            {k[len("text_encoder."):]: v for k, v in ema.items() if k.startswith("text_encoder.")}, strict=False)
+            {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}, strict=False)
         if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:  # tied to `shared`, not a parameter
             raise RuntimeError(f"text encoder weights do not match: missing {missing}, unexpected {unexpected}")
         text_encoder.tie_weights()
