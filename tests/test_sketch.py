@@ -686,6 +686,13 @@ def test_the_learning_rate_cools_down_over_the_last_share_of_the_dit_budget(tmp_
     part.take_model(whole.export(tmp_path / "first-model"))  # steps go on from 8
     part.run(None, dit_steps=12, checkpoint_every=0)
     assert part.rates == pytest.approx([lr * (1 - k / 12) / 0.5 for k in range(8, 12)])
+    # by the clock: the DiT's share of the minutes (the codec's taken out) falls to 0 over its last half
+    timed = LrTrainer(tmp_path / "timed", cfg, progress=quiet)
+    timed.rates = []
+    timed.run(0.05, codec_steps=1, checkpoint_every=0)
+    rates = timed.rates
+    assert len(rates) >= 8 and rates[0] == pytest.approx(lr) and rates[-1] < 0.3 * lr
+    assert all(b <= a for a, b in zip(rates, rates[1:])) and sum(r == lr for r in rates) >= len(rates) // 3
     # without it the rate stays where the warm-up left it
     flat = LrTrainer(tmp_path / "flat", dataclasses.replace(cfg, dit_cooldown=0.0), progress=quiet)
     flat.rates = []
