@@ -132,8 +132,6 @@ stop)
   pkill -TERM -f "instrument.sketch.train --out $RUN --minutes"
   while training; do sleep 2; done
   tail -n 3 "$log"; report
-  [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
-  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/${TAG}model.tar.part-"
   ;;
 finish)
   while training; do sleep 5; done
@@ -143,14 +141,14 @@ finish)
     while evaluating; do sleep 5; done
   fi
   tail -n 5 "$log"; report
-  [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
-  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/${TAG}model.tar.part-"
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
 
 case $phase in
 stop|finish)
+  [ -f "$RUN/model/model_index.json" ] || { echo "no model folder in $RUN"; exit 1; }
+  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/${TAG}model.tar.part-"
   # the model that came back supersedes the newest checkpoint's (and $OUT holds at most 8 files)
   rm -f "$OUT/${TAG}"latest-model.tar.part-*
   if [ "${TRAINING_WEIGHTS:-0}" = 1 ]; then
