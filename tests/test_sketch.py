@@ -794,6 +794,34 @@ def test_evaluation_command_streams_the_model(tiny_model, tmp_path):
     assert np.array_equal(sheet[:32, :32], first[0].numpy()) and (sheet[32:34] == 24).all()
 
 
+def test_validation_split_draws_other_held_out_captions(tiny_model, tmp_path):
+    """Sampling settings are chosen on --split validation; its clips are none of the test split's (nor the
+    trainer's: both lie between 2**50 and 2**60), and the report says which split it measured."""
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
+                        "--only", "following,reference,shapes", "--captions", "2", "--shape-frames", "100",
+                        "--split", "validation", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    validation = evaluate.held_out_specs(2, split="validation")
+    assert report["split"] == "validation" and report["prompt_following"]["split"] == "validation"
+    assert [row["caption"] for row in report["reference"]["rows"]] == [s.caption for s in validation]
+    assert [row["caption"] for row in report["prompt_following"]["rows"]] == [s.caption for s in validation]
+    from instrument.sketch.shapes import single_object_specs
+
+    single = single_object_specs(evaluate.SPLITS["validation"], 2)  # captions: the same at any drawing size
+    assert [row["caption"] for row in report["shape_following_stream"]["rows"]] == [s.caption for s in single]
+    test_seeds = {s.seed for s in evaluate.held_out_specs(5000)}
+    validation_seeds = {s.seed for s in evaluate.held_out_specs(5000, split="validation")}
+    assert not test_seeds & validation_seeds and all(2**50 <= x < 2**60 for x in test_seeds | validation_seeds)
+    captions = {split: [s.caption for s in evaluate.held_out_specs(20, split=split)] for split in evaluate.SPLITS}
+    assert captions["test"] != captions["validation"]
+    bad = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
+                          "--split", "train"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--split" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_evaluation_samples_with_another_schedule_when_told(tiny_model, tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "instrument.sketch.evaluate", "--model", str(tiny_model),
