@@ -527,9 +527,10 @@ def frame_colours(frame) -> tuple[str, dict[str, float]]:
 
     `frame`: [H, W, 3] uint8 or float 0..1 (or [3, H, W] float). Each pixel goes to the nearest of the 12
     palette colours and their darkest background shades. The background is the colour name (full or shade)
-    that covers the most pixels; a pixel counts for an object colour when its nearest entry is that full
-    colour, within OBJECT_DISTANCE, and not the background's. Antialiased edges, which blend two colours,
-    mostly fall outside OBJECT_DISTANCE of any colour and are ignored.
+    that covers the most pixels; a pixel counts for an object colour when that colour's name is its nearest
+    (full or shade), it lies within OBJECT_DISTANCE of the full colour, and the colour is not the
+    background's. Antialiased edges, which blend two colours, mostly fall outside OBJECT_DISTANCE of any
+    colour and are ignored.
     """
     pixels = _pixels(frame).reshape(-1, 3)
     names, full = _nearest(pixels)
@@ -550,11 +551,16 @@ def _pixels(frame) -> torch.Tensor:
 
 def _nearest(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For pixels [..., 3]: the index of the nearest palette colour name (full or shade), and whether the
-    pixel is that full colour within OBJECT_DISTANCE (an object pixel, unless the colour is the background's)."""
-    dist = torch.cdist(pixels.reshape(-1, 3), _EXTENDED.to(pixels.device))
-    best, idx = dist.min(dim=1)
+    pixel lies within OBJECT_DISTANCE of that name's full colour (an object pixel, unless the colour is the
+    background's). Not "nearer the full colour than the shade": black's darkest shade is 0.013 from black
+    itself, so a black object decoded a shade darker than drawn (its interior at 11 of 255 against 15) read
+    as background, a hollow ring, while no background of another colour comes near black."""
+    flat = pixels.reshape(-1, 3)
+    palette = _EXTENDED.to(pixels.device)
+    idx = torch.cdist(flat, palette).argmin(dim=1) % len(_COLOUR_NAMES)
+    near_full = (flat - palette[idx]).norm(dim=1) < OBJECT_DISTANCE
     shape = pixels.shape[:-1]
-    return (idx % len(_COLOUR_NAMES)).reshape(shape), ((idx < len(_COLOUR_NAMES)) & (best < OBJECT_DISTANCE)).reshape(shape)
+    return idx.reshape(shape), near_full.reshape(shape)
 
 
 def object_mask(frame, colour: str) -> torch.Tensor:
