@@ -1055,8 +1055,8 @@ def test_the_codec_report_draws_its_clips_as_the_run_draws_them(tmp_path, monkey
     drawn = []
     real = evaluate.held_out_specs
 
-    def spy(count, object_scale=1.0, upright=False):
-        specs = real(count, object_scale, upright)
+    def spy(count, object_scale=1.0, upright=False, split="test"):
+        specs = real(count, object_scale, upright, split)
         drawn.extend(i.angle for s in specs for i in s.instances)
         return specs
 
