@@ -1102,6 +1102,59 @@ def test_a_twin_clip_differs_only_in_its_first_groups_shape():
     assert differs.sum() > 20 and not (differs & ~drawn).any()
 
 
+def test_a_spun_clip_rotates_its_first_group_in_place_and_changes_nothing_else():
+    """data.spun (train --dit-rotating): the first group's motion becomes rotating, its objects stop moving
+    and spin as `sample` spins them, the caption says so; circles, rings and groups that rotate already are
+    left alone. step_specs draws the spins from a stream of its own: at 0 the clips are as before, and the
+    twins of a spun clip spin with it."""
+    rng = np.random.default_rng()
+    spun_any = False
+    for seed in rng.integers(0, 2**40, 60):
+        spec = data.sample(int(seed), 2.0, True)
+        out = data.spun(spec, rng)
+        first = spec.description.groups[0]
+        if first.motion == "rotating" or first.shape in data.SYMMETRIC:
+            assert out is spec
+            continue
+        spun_any = True
+        assert out.description.groups[0] == dataclasses.replace(first, motion="rotating")
+        assert out.description.groups[1:] == spec.description.groups[1:]
+        assert data.describe(out.caption) == out.description
+        for i, (a, b) in enumerate(zip(spec.instances, out.instances)):
+            if i < first.count:
+                assert b.vx == b.vy == 0.0 and 1.0 <= abs(b.spin) <= 2.5 and b.motion == "rotating"
+                assert dataclasses.replace(b, motion=a.motion, vx=a.vx, vy=a.vy, spin=a.spin) == a
+            else:
+                assert b == a
+    assert spun_any
+    # what the frames show: the object stays where it is and turns
+    square = dataclasses.replace(data.sample(0).instances[0], shape="square", colour="red", x=0.5, y=0.5,
+                                 radius=0.2, angle=0.0, vx=0.2, vy=0.0, spin=0.0, motion="moving right")
+    spec = data.sample(0)
+    spec = dataclasses.replace(spec, description=dataclasses.replace(
+        spec.description, groups=(data.Group(1, "red", "square", "moving right"),)), instances=(square,))
+    frames = data.render([data.spun(spec, rng)], torch.tensor([0.0, 0.3]), 64)[0]
+    masks = [data.object_mask(frames[:, t], "red") for t in range(2)]
+    centre = [torch.nonzero(m).float().mean(0) for m in masks]
+    assert torch.dist(centre[0], centre[1]) < 1.0 and (masks[0] != masks[1]).sum() > 20
+    # step_specs: 0 draws what it drew before; 1 spins every clip that can spin, twins included
+    key, base = [0, 3, int(rng.integers(0, 1000))], int(rng.integers(0, 2**40))
+    before = data.step_specs(base, 12, 2.0, True, 3, key)
+    assert data.step_specs(base, 12, 2.0, True, 3, key, 0.0) == before
+    all_spun = data.step_specs(base, 12, 2.0, True, 3, key, 1.0)
+    for j, a in enumerate(all_spun):  # a twin (odd, below 6) moves as its neighbour, a ring's twin too
+        first = a.description.groups[0]
+        assert first.motion == "rotating" or first.shape in data.SYMMETRIC or (j < 6 and j % 2)
+    for k in range(3):  # a twin is its even neighbour in another shape, spin and all
+        even, odd = all_spun[2 * k], all_spun[2 * k + 1]
+        assert [dataclasses.replace(i, shape="x") for i in odd.instances] == \
+            [dataclasses.replace(i, shape="x") for i in even.instances]
+    share = np.mean([s.description.groups[0].motion == "rotating"
+                     for s in data.step_specs(base, 400, 2.0, True, 0, key, 0.5)])
+    # 5 of 7 shapes can spin; of those, an eighth is drawn rotating and half the rest spun: 5/7 x 9/16 = 0.40
+    assert abs(share - 5 / 7 * 9 / 16) < 0.07, share
+
+
 def test_twin_pairs_lead_the_batch_with_the_same_noise_and_sigmas(tmp_path, monkeypatch):
     """dit_twins: the batch's first clips come in pairs (a clip, then its data.reshaped twin), and each pair is
     noised with the same noise at the same sigmas, in the loss and in the self-context pass; the other clips
@@ -1228,7 +1281,8 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-outline-weight", "2", "--dit-sink-weight", "3", "--dit-twins", "0.5",
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
-                  "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25", "--export-dtype", "float16")
+                  "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25", "--export-dtype", "float16",
+                  "--dit-rotating", "0.4")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
     assert sketch["upright"] is True
@@ -1243,6 +1297,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
     assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
     assert state["config"]["dit_cooldown"] == 0.25 and state["config"]["export_dtype"] == "float16"
+    assert state["config"]["dit_rotating"] == 0.4
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))

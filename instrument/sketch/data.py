@@ -193,11 +193,31 @@ def reshaped(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
     return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
 
 
-def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list) -> list:
-    """A training step's clips: the specs of seeds base .. base + count - 1, the first `pairs` odd ones redrawn
-    as their even neighbour in another shape (`reshaped`, from the rng of `twin_key`). A pure function of its
-    arguments, so a worker process may draw a step's specs ahead of it (train.SpecPrefetch)."""
+def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
+    """The same clip with its first group rotating in place (at a spin drawn as `sample` draws one), and the
+    caption saying so; everything else (shapes, positions, sizes, angles, colours, the other groups,
+    background) unchanged. A group that rotates already, or of a shape that rotation leaves as it is (circles,
+    rings), is returned as it is."""
+    group = spec.description.groups[0]
+    if group.motion == "rotating" or group.shape in SYMMETRIC:
+        return spec
+    groups = (replace(group, motion="rotating"), *spec.description.groups[1:])
+    instances = tuple(replace(inst, motion="rotating", vx=0.0, vy=0.0,
+                              spin=float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5)))
+                      if j < group.count else inst for j, inst in enumerate(spec.instances))
+    return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
+
+
+def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list,
+               rotating: float = 0.0) -> list:
+    """A training step's clips: the specs of seeds base .. base + count - 1, each with probability `rotating`
+    made to rotate (`spun`), then the first `pairs` odd ones redrawn as their even neighbour in another shape
+    (`reshaped`; both from rngs of `twin_key`). A pure function of its arguments, so a worker process may draw
+    a step's specs ahead of it (train.SpecPrefetch)."""
     specs = [sample(base + j, object_scale, upright) for j in range(count)]
+    if rotating:
+        spins = np.random.default_rng([*twin_key, 1])  # a stream of its own: the twins' draws stay as they were
+        specs = [spun(s, spins) if spins.random() < rotating else s for s in specs]
     shapes = np.random.default_rng(twin_key)
     for k in range(pairs):
         specs[2 * k + 1] = reshaped(specs[2 * k], shapes)
