@@ -1580,6 +1580,10 @@ def test_the_shape_reader_reads_outlines_wherever_and_however_large_they_are():
         video = evaluate.clip_video(None, spec, 5, "clips", data.SIZE)
         read = [reader.read(f, spec.instances[0].colour) for f in data.frames_of(video)]
         assert row["read"] == read and row["shape"] == data.majority(read)
+    # per kind of motion: the captions of that motion, and how many of them read right
+    kinds = ["moving" if s.instances[0].motion.startswith("moving") else s.instances[0].motion for s in specs]
+    assert r["by_motion"] == {k: [sum(row["ok"] for row, m in zip(r["rows"], kinds) if m == k), kinds.count(k)]
+                              for k in set(kinds)}
     # frame i's share: the captions whose frame i reads as their own shape
     assert len(r["frames_ok_by_index"]) == 5
     for i, share in enumerate(r["frames_ok_by_index"]):
