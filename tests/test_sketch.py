@@ -514,8 +514,10 @@ def test_compiled_blocks_train_the_uncompiled_model(tmp_path):
     resumed = Trainer(tmp_path / "compiled", cfg, progress=quiet)
     resumed.load_checkpoint(Trainer.latest(tmp_path / "compiled"))
     assert all(torch.equal(resumed._tensors()[k], v) for k, v in state_of(compiled).items())
-    with pytest.raises(train.UserError, match="--compile fastest: expected one of default, reduce-overhead"):
+    with pytest.raises(train.UserError, match="--compile fastest: expected one of default, max-autotune"):
         Trainer(tmp_path / "bad", cfg, progress=quiet, compile="fastest")
+    with pytest.raises(train.UserError, match="--compile reduce-overhead: its CUDA graphs fail in training"):
+        Trainer(tmp_path / "graphs", cfg, progress=quiet, compile="reduce-overhead")
 
 
 def test_specs_drawn_ahead_by_the_worker_are_the_ones_drawn_in_the_loop(tmp_path):

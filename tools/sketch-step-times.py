@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                         help="each DiT batch size timed with each of these --dit-openings counts (0: none)")
     parser.add_argument("--compile", default="0",
                         help="each row without (0) and/or with (1) the DiT blocks compiled (train --compile), or "
-                             "compiled in a torch.compile mode (train --compile MODE), e.g. 0,1,reduce-overhead")
+                             "compiled in a torch.compile mode (train --compile MODE), e.g. 0,1,max-autotune-no-cudagraphs")
     parser.add_argument("--prefetch", default="0",
                         help="each row without (0) and/or with (1) the worker process that draws the next steps' "
                              "clip specs (train on a GPU runs with it), e.g. 0,1")

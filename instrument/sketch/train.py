@@ -454,14 +454,20 @@ class Trainer:
         self.sigmas = torch.tensor([warp(t, config.shift) for t in config.schedule], device=self.device)
         self.autocast = self.device.type == "cuda"
 
-    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+    COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
     def _compile_blocks(self, mode: str | None = None) -> None:
         """torch.compile each DiT block in place (parameter names unchanged, so checkpoints and exports are the
         same): at width 192 a block's time goes to its many small elementwise kernels (modulation, float32 norms,
         rotary), which inductor fuses. The same math: a compiled run resumes an uncompiled one and back.
-        `mode` is torch.compile's ("reduce-overhead" also replays each block from a CUDA graph, for a step whose
-        time goes to the host's kernel launches; untimed so far)."""
+        `mode` is torch.compile's. Not "reduce-overhead": the blocks share one compiled graph, and with CUDA
+        graphs each block's replay overwrites the output of the block before it while the step still needs it
+        (torch raised "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" on
+        the H200, 2026-12-03, at the first step)."""
+        if mode == "reduce-overhead":
+            raise UserError("--compile reduce-overhead: its CUDA graphs fail in training (the DiT's blocks share "
+                            "one graph, whose replays overwrite each other's outputs before the backward pass "
+                            f"reads them); use one of {', '.join(self.COMPILE_MODES)}")
         if mode is not None and mode not in self.COMPILE_MODES:
             raise UserError(f"--compile {mode}: expected one of {', '.join(self.COMPILE_MODES)}")
         import torch._dynamo
@@ -1041,8 +1047,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                        help="torch.compile the DiT blocks, optionally in this torch.compile mode (default, "
-                             "reduce-overhead, max-autotune-no-cudagraphs): faster steps on a GPU, the same model "
+                        help="torch.compile the DiT blocks, optionally in this torch.compile mode (default or "
+                             "max-autotune-no-cudagraphs): faster steps on a GPU, the same model "
                              "(a setting of this call, not of the run: a resumed run may take it or leave it)")
     parser.add_argument("--config", choices=("default", "proxy", "small", "tiny"), default="default",
                         help="proxy: the shipped model with CPU-sized batches; small: a 64x64 model a CPU trains "
