@@ -187,10 +187,17 @@ def reshaped(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
     group = spec.description.groups[0]
     shape = str(rng.choice([s for s in SHAPES
                             if s != group.shape and not (group.motion == "rotating" and s in SYMMETRIC)]))
-    groups = (replace(group, shape=shape), *spec.description.groups[1:])
-    instances = tuple(replace(inst, shape=shape) if j < group.count else inst  # the first group's come first
+    return _first_group_redrawn(spec, replace(group, shape=shape), lambda inst: replace(inst, shape=shape))
+
+
+def _first_group_redrawn(spec: ClipSpec, group: Group, redraw) -> ClipSpec:
+    """The spec with its first group (caption) replaced by `group` and each of that group's objects by
+    redraw(object), in order; the other groups and the background as they were."""
+    first = spec.description.groups[0]
+    instances = tuple(redraw(inst) if j < first.count else inst  # the first group's objects come first
                       for j, inst in enumerate(spec.instances))
-    return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
+    description = replace(spec.description, groups=(group, *spec.description.groups[1:]))
+    return replace(spec, description=description, instances=instances)
 
 
 def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
@@ -201,11 +208,8 @@ def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
     group = spec.description.groups[0]
     if group.motion == "rotating" or group.shape in SYMMETRIC:
         return spec
-    groups = (replace(group, motion="rotating"), *spec.description.groups[1:])
-    instances = tuple(replace(inst, motion="rotating", vx=0.0, vy=0.0,
-                              spin=float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5)))
-                      if j < group.count else inst for j, inst in enumerate(spec.instances))
-    return replace(spec, description=replace(spec.description, groups=groups), instances=instances)
+    return _first_group_redrawn(spec, replace(group, motion="rotating"), lambda inst: replace(
+        inst, motion="rotating", vx=0.0, vy=0.0, spin=float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5))))
 
 
 def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list,

@@ -180,8 +180,7 @@ def shape_following(engine, reader, captions: int = 100, frames: int = 21, chunk
         raise ValueError(f"source {source!r}: expected one of {SOURCES}")
     progress = progress or Progress(enabled=False)
     rows, truths = [], []
-    for j, spec in enumerate(single_object_specs(split_start(split), captions,
-                                                         *_drawing(engine, object_scale))):
+    for j, spec in enumerate(single_object_specs(split_start(split), captions, *_drawing(engine, object_scale))):
         video = clip_video(engine, spec, frames, source, seed=j, chunk=chunk)
         truth = spec.instances[0]
         truths.append(truth.shape)
