@@ -5,11 +5,11 @@ import collections
 import json
 import sys
 
-from instrument.sketch.data import SHAPES
+from instrument.sketch.data import describe
 
 
 def shape_of(caption):
-    return next(s for s in SHAPES if f" {s} " in f" {caption} ")
+    return describe(caption).groups[0].shape
 
 
 for path in sys.argv[1:]:

@@ -170,13 +170,18 @@ def sample(seed: int, object_scale: float = 1.0, upright: bool = False) -> ClipS
                 vx, vy = speed * 1.3 * math.cos(a), speed * 1.3 * math.sin(a)
             else:
                 vx = vy = 0.0
-            spin = float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5)) if g.motion == "rotating" else 0.0
+            spin = _drawn_spin(rng) if g.motion == "rotating" else 0.0
             x, y, angle = float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0, 2 * math.pi))
             instances.append(Instance(g.shape, g.colour, g.motion, x, y, radius, 0.0 if upright else angle,
                                       vx, vy, spin, float(rng.uniform(0, 1))))
     bg = (float(rng.choice([0.0, 0.25, 0.5, 0.75]) * math.pi), float(rng.uniform(0.08, 0.2)),
           float(rng.integers(0, 2**31 - 1)))
     return ClipSpec(seed, description, tuple(instances), bg)
+
+
+def _drawn_spin(rng: np.random.Generator) -> float:
+    """A rotating object's turn rate in radians per second, either way round."""
+    return float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5))
 
 
 def reshaped(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
@@ -201,7 +206,7 @@ def _first_group_redrawn(spec: ClipSpec, group: Group, redraw) -> ClipSpec:
 
 
 def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
-    """The same clip with its first group rotating in place (at a spin drawn as `sample` draws one), and the
+    """The same clip with its first group rotating in place (each object at a spin `_drawn_spin` draws), and the
     caption saying so; everything else (shapes, positions, sizes, angles, colours, the other groups,
     background) unchanged. A group that rotates already, or of a shape that rotation leaves as it is (circles,
     rings), is returned as it is."""
@@ -209,7 +214,7 @@ def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
     if group.motion == "rotating" or group.shape in SYMMETRIC:
         return spec
     return _first_group_redrawn(spec, replace(group, motion="rotating"), lambda inst: replace(
-        inst, motion="rotating", vx=0.0, vy=0.0, spin=float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5))))
+        inst, motion="rotating", vx=0.0, vy=0.0, spin=_drawn_spin(rng)))
 
 
 def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list,
