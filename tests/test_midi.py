@@ -63,6 +63,30 @@ def wait_for(cond, timeout=10.0):  # generous: a loaded machine delays JACK
     return cond()
 
 
+# A CC no map here binds: the tests send it until one arrives, then start counting.
+PROBE = (0xBF, 119, 0)  # channel 16, CC 119
+
+
+def is_probe(ev) -> bool:
+    return ev.kind == "cc" and ev.channel == 15 and ev.number == 119
+
+
+def until_connected(sender, probes: list, timeout=10.0) -> bool:
+    """Sends PROBE until one comes through; True when the connection carries messages.
+
+    JACK2 puts a new connection into its next graph, which the server switches to at a later
+    cycle start (later still on a loaded machine), so a message sent right after a port opens
+    can fall in a cycle without the connection. A fresh-clone CI run lost the first CC after a
+    hot-plug that way; nothing in the instrument can see or wait for that switch."""
+    probes.clear()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sender.send(*PROBE)
+        if wait_for(lambda: probes, timeout=0.05):
+            return True
+    return False
+
+
 @pytest.fixture
 def rig(jack_server):  # noqa: F811
     params = ParamSpace()
@@ -70,10 +94,13 @@ def rig(jack_server):  # noqa: F811
         params.declare(ParamSpec(n, 0.0, 1.0, 0.0))
     show = Recorder(params)
     router = Router(params, show, Mapping.loads(MAP))
-    events, warnings = [], []
+    events, warnings, probes = [], [], []
     lock = threading.Lock()
 
     def on_event(ev):
+        if is_probe(ev):
+            probes.append(ev)
+            return
         with lock:
             events.append(ev)
         router.handle(ev)
@@ -81,16 +108,18 @@ def rig(jack_server):  # noqa: F811
     midi = MidiInput(on_event, ports=["ctl-"], api="jack", poll=0.1,
                      client_name=f"instr{os.getpid()}", warn=warnings.append)
     sender = MidiSender(jack_server)
-    yield params, show, router, midi, sender, events, warnings
+    connected = lambda: until_connected(sender, probes)  # noqa: E731
+    yield params, show, router, midi, sender, events, warnings, connected
     sender.stop()
     midi.close()
 
 
 def test_cc_14bit_nrpn_notes_program_clock(rig):
-    params, show, router, midi, sender, events, warnings = rig
+    params, show, router, midi, sender, events, warnings, connected = rig
     sender.open("ctl-a", "out")
     midi.start()
     assert wait_for(lambda: any("ctl-a" in p for p in midi.open_ports)), midi.open_ports
+    assert connected()
     sent_at = time.monotonic()
     sender.send(0xB0, 7, 100)  # CC 7 = 100
     sender.send(0xB0, 1, 64)  # 14-bit CC 1: MSB 64, LSB 32 -> 8224
@@ -136,11 +165,12 @@ def test_cc_14bit_nrpn_notes_program_clock(rig):
 
 
 def test_ports_appear_and_vanish_while_running(rig, jack_server):  # noqa: F811
-    params, show, router, midi, sender, events, warnings = rig
+    params, show, router, midi, sender, events, warnings, connected = rig
     midi.start()
     assert midi.open_ports == []
     sender.open("ctl-late", "out")  # plugged in after start
     assert wait_for(lambda: any("ctl-late" in p for p in midi.open_ports))
+    assert connected()
     sender.send(0xB0, 7, 10)
     assert wait_for(lambda: len(events) == 1)
     sender.close_port()  # unplugged
@@ -153,6 +183,7 @@ def test_ports_appear_and_vanish_while_running(rig, jack_server):  # noqa: F811
         assert wait_for(lambda: any("ctl-late" in p for p in midi.open_ports))
         time.sleep(0.3)
         assert not any("unrelated" in p for p in midi.open_ports)
+        assert connected()
         sender.send(0xB0, 7, 127)
         assert wait_for(lambda: len(events) == 2)
         router.tick(time.monotonic())
@@ -162,10 +193,11 @@ def test_ports_appear_and_vanish_while_running(rig, jack_server):  # noqa: F811
 
 
 def test_sysex_and_garbage_are_reported_and_ignored(rig):
-    params, show, router, midi, sender, events, warnings = rig
+    params, show, router, midi, sender, events, warnings, connected = rig
     sender.open("ctl-noisy", "out")
     midi.start()
     assert wait_for(lambda: midi.open_ports)
+    assert connected()
     sender.send(0xF0, 0x7E, 0x7F, 0x06, 0x01, 0xF7)
     sender.send(0x45, 0x33)  # data bytes without a status byte
     sender.send(0xF0, 0x01, 0xF7)  # a second SysEx within the limit: not shown again
@@ -178,14 +210,19 @@ def test_sysex_and_garbage_are_reported_and_ignored(rig):
 
 
 def test_virtual_input_port(jack_server):  # noqa: F811
-    got = []
+    got, probes = [], []
     name = f"virt{os.getpid()}"
-    with MidiInput(got.append, ports=[], api="jack", virtual=name, poll=0.1,
+
+    def on_event(ev):
+        (probes if is_probe(ev) else got).append(ev)
+
+    with MidiInput(on_event, ports=[], api="jack", virtual=name, poll=0.1,
                    client_name=f"instr{os.getpid()}v", warn=lambda m: None) as midi:
         assert midi.available
         sender = MidiSender(jack_server)
         try:
             sender.connect("feeder", name)
+            assert until_connected(sender, probes)
             sender.send(0xB3, 20, 99)
             assert wait_for(lambda: got)
             assert (got[0].kind, got[0].channel, got[0].number, got[0].value) == ("cc", 3, 20, 99)
