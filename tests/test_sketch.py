@@ -1157,6 +1157,45 @@ def test_a_spun_clip_rotates_its_first_group_in_place_and_changes_nothing_else()
     assert abs(share - 5 / 7 * 9 / 16) < 0.07, share
 
 
+def _turned_fit(before: torch.Tensor, after: torch.Tensor, angle: float) -> float:
+    """The share of an object mask's pixels that, turned clockwise on screen by `angle` about their centroid,
+    land on the `after` mask (rows point down: clockwise takes the top (0, -1) towards the right (1, 0))."""
+    ys, xs = torch.nonzero(before, as_tuple=True)
+    dx, dy = xs.float() - xs.float().mean(), ys.float() - ys.float().mean()
+    x = xs.float().mean() + dx * math.cos(angle) - dy * math.sin(angle)
+    y = ys.float().mean() + dx * math.sin(angle) + dy * math.cos(angle)
+    h, w = after.shape
+    return float(after[y.round().long().clamp(0, h - 1), x.round().long().clamp(0, w - 1)].float().mean())
+
+
+def test_one_way_spin_turns_every_rotating_object_clockwise_and_changes_nothing_else():
+    """data.one_way and step_specs(one_way_spin=True) (train --one-way-spin): the same clips, each rotating
+    object's spin made positive at the same speed; on screen, a positive spin turns clockwise."""
+    rng = np.random.default_rng()
+    key, base = [0, 3, int(rng.integers(0, 1000))], int(rng.integers(0, 2**40))
+    either = data.step_specs(base, 60, 2.0, True, 4, key, 0.5)
+    one_way = data.step_specs(base, 60, 2.0, True, 4, key, 0.5, one_way_spin=True)
+    spins = [i.spin for s in either for i in s.instances if i.motion == "rotating"]
+    assert min(spins) < 0 < max(spins)  # both ways drawn, so the option has something to turn
+    for a, b in zip(either, one_way):
+        assert b.description == a.description
+        for x, y in zip(a.instances, b.instances):
+            assert y.spin == abs(x.spin) and dataclasses.replace(y, spin=x.spin) == x
+    # what the frames show, for every shape that can turn and either sign drawn: frame 0 turned clockwise by
+    # the spin's angle covers the later frame (0.92 to 0.98 of its pixels), turned the other way far less
+    spec = data.sample(0)
+    for shape in (s for s in data.SHAPES if s not in data.SYMMETRIC):
+        spin = float(rng.choice([-1, 1]) * rng.uniform(1.5, 2.5))
+        obj = dataclasses.replace(spec.instances[0], shape=shape, colour="red", x=0.5, y=0.5, radius=0.25,
+                                  angle=0.0, vx=0.0, vy=0.0, motion="rotating", spin=spin)
+        frames = data.render([data.one_way(dataclasses.replace(spec, instances=(obj,)))],
+                             torch.tensor([0.0, 0.2]), 64)[0]
+        masks = [data.object_mask(frames[:, t], "red") for t in range(2)]
+        angle = 0.2 * abs(spin)
+        clockwise, anticlockwise = _turned_fit(*masks, angle), _turned_fit(*masks, -angle)
+        assert clockwise > 0.85 and clockwise > anticlockwise + 0.05, (shape, spin, clockwise, anticlockwise)
+
+
 def test_twin_pairs_lead_the_batch_with_the_same_noise_and_sigmas(tmp_path, monkeypatch):
     """dit_twins: the batch's first clips come in pairs (a clip, then its data.reshaped twin), and each pair is
     noised with the same noise at the same sigmas, in the loss and in the self-context pass; the other clips
@@ -1284,10 +1323,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
                   "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25", "--export-dtype", "float16",
-                  "--dit-rotating", "0.4")
+                  "--dit-rotating", "0.4", "--one-way-spin")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
-    assert sketch["upright"] is True
+    assert sketch["upright"] is True and sketch["one_way_spin"] is True
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
@@ -1299,7 +1338,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["dit_lr"] == 0.002 and state["config"]["opening_sigma_floor"] == 0.6
     assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
     assert state["config"]["dit_cooldown"] == 0.25 and state["config"]["export_dtype"] == "float16"
-    assert state["config"]["dit_rotating"] == 0.4
+    assert state["config"]["dit_rotating"] == 0.4 and state["config"]["one_way_spin"] is True
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))

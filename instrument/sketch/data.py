@@ -217,12 +217,20 @@ def spun(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
         inst, motion="rotating", vx=0.0, vy=0.0, spin=_drawn_spin(rng)))
 
 
+def one_way(spec: ClipSpec) -> ClipSpec:
+    """The same clip with every rotating object turning clockwise on screen (its spin made positive, the
+    speed kept). "rotating" then names one motion: a model that cannot tell from the words which way an
+    object turns predicts the mean of both ways, and that mean is a disc (README: "Which way it turns")."""
+    return replace(spec, instances=tuple(replace(inst, spin=abs(inst.spin)) for inst in spec.instances))
+
+
 def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list,
-               rotating: float = 0.0) -> list:
+               rotating: float = 0.0, one_way_spin: bool = False) -> list:
     """A training step's clips: the specs of seeds base .. base + count - 1, each with probability `rotating`
     made to rotate (`spun`), then the first `pairs` odd ones redrawn as their even neighbour in another shape
-    (`reshaped`; both from rngs of `twin_key`). A pure function of its arguments, so a worker process may draw
-    a step's specs ahead of it (train.SpecPrefetch)."""
+    (`reshaped`; both from rngs of `twin_key`), and with `one_way_spin` every rotating object turned
+    clockwise (`one_way`). A pure function of its arguments, so a worker process may draw a step's specs
+    ahead of it (train.SpecPrefetch)."""
     specs = [sample(base + j, object_scale, upright) for j in range(count)]
     if rotating:
         spins = np.random.default_rng([*twin_key, 1])  # a stream of its own: the twins' draws stay as they were
@@ -230,7 +238,7 @@ def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs:
     shapes = np.random.default_rng(twin_key)
     for k in range(pairs):
         specs[2 * k + 1] = reshaped(specs[2 * k], shapes)
-    return specs
+    return [one_way(s) for s in specs] if one_way_spin else specs
 
 
 # -- captions back to attributes ------------------------------------------------------------------------
