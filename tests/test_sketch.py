@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -762,6 +763,14 @@ def test_a_run_whose_machine_was_lost_goes_on_from_its_exported_model(tmp_path, 
     assert r.returncode == 2 and "trained with other settings: upright False (this run: True)" in r.stderr
     r = main_here(train.main, "--out", tmp_path / "none", "--config", "tiny", "--dit-from", tmp_path, "--dit-steps", "5")
     assert r.returncode == 2 and "not a model folder" in r.stderr
+    # the logged rate is this part's: after a part that ran for days, these steps still log their own pace
+    said = []
+    part = Trainer(tmp_path / "rate", Config.tiny(), progress=said.append)
+    part.take_model(folder)
+    part.elapsed["dit"] += 10**6
+    part.run(None, dit_steps=6, checkpoint_every=0, log_every=1)
+    rates = [float(re.search(r"([\d.]+) steps/s", m).group(1)) for m in said if "steps/s" in m]
+    assert len(rates) == 3 and min(rates) > 0.1, said  # the whole run's average would be 6e-6
 
 
 # -- measuring a sketch model --------------------------------------------------------------------------------

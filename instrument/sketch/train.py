@@ -992,6 +992,9 @@ class Trainer:
         if self.stage == "done" and not stage_done("dit"):
             self.stage = "dit"  # a larger budget on resume: carry on
         pending: list[tuple[str, int, torch.Tensor]] = []  # losses not read back from the device yet
+        # The logged rate is this call's: a resumed or --dit-from part may run on another machine than the steps
+        # before it, and the whole run's average would hide that (a CPU part logged 6.5 steps/s, the GPU's).
+        begun = {k: (self.steps[k], self.elapsed[k]) for k in ("codec", "dit")}
 
         def read_losses():
             if not pending:
@@ -1031,7 +1034,8 @@ class Trainer:
                     recent = self.losses[-log_every:]
                     total = self.elapsed["codec"] + self.elapsed["dit"]
                     self.progress(f"{name} step {step} loss {sum(recent) / len(recent):.5f} "
-                                  f"({step / max(self.elapsed[name], 1e-9):.2f} steps/s, "
+                                  f"({(step - begun[name][0]) / max(self.elapsed[name] - begun[name][1], 1e-9):.2f}"
+                                  " steps/s, "
                                   f"{total / 60:.1f} of {'-' if minutes is None else f'{minutes:g}'} min)")
                 if checkpoint_every and step % checkpoint_every == 0:
                     read_losses()
