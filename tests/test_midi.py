@@ -68,7 +68,7 @@ PROBE = (0xBF, 119, 0)  # channel 16, CC 119
 
 
 def is_probe(ev) -> bool:
-    return ev.kind == "cc" and ev.channel == 15 and ev.number == 119
+    return ev.kind == "cc" and ev.channel == PROBE[0] & 0x0F and ev.number == PROBE[1]
 
 
 def until_connected(sender, probes: list, timeout=10.0) -> bool:
