@@ -1205,6 +1205,38 @@ def test_one_way_spin_turns_every_rotating_object_clockwise_and_changes_nothing_
         assert clockwise > 0.85 and clockwise > anticlockwise + 0.05, (shape, spin, clockwise, anticlockwise)
 
 
+def test_spin_speed_turns_every_rotating_object_at_that_speed_its_own_way_and_changes_nothing_else():
+    """data.steady and step_specs(spin_speed=S) (train --spin-speed): the same clips, each rotating object at S
+    radians a second in its own direction (clockwise with one_way_spin too); the frames turn by S t."""
+    rng = np.random.default_rng()
+    key, base = [0, 3, int(rng.integers(0, 1000))], int(rng.integers(0, 2**40))
+    speed = float(rng.uniform(0.5, 3.0))
+    drawn = data.step_specs(base, 60, 2.0, True, 4, key, 0.5)
+    steady = data.step_specs(base, 60, 2.0, True, 4, key, 0.5, spin_speed=speed)
+    both = data.step_specs(base, 60, 2.0, True, 4, key, 0.5, one_way_spin=True, spin_speed=speed)
+    assert len({abs(i.spin) for s in drawn for i in s.instances if i.spin}) > 10  # speeds drawn, to be steadied
+    for a, b, c in zip(drawn, steady, both):
+        assert b.description == a.description == c.description
+        for x, y, z in zip(a.instances, b.instances, c.instances):
+            if x.motion == "rotating":
+                assert y.spin == math.copysign(speed, x.spin) and z.spin == speed
+            else:
+                assert y.spin == z.spin == x.spin == 0.0
+            assert dataclasses.replace(y, spin=x.spin) == x == dataclasses.replace(z, spin=x.spin)
+    # on screen: frame 0 turned by the speed's angle covers the later frame, at half or twice the speed less
+    spec = data.sample(0)
+    for shape in ("square", "triangle", "star"):
+        obj = dataclasses.replace(spec.instances[0], shape=shape, colour="red", x=0.5, y=0.5, radius=0.25,
+                                  angle=0.0, vx=0.0, vy=0.0, motion="rotating",
+                                  spin=float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5)))
+        turned = data.steady(dataclasses.replace(spec, instances=(obj,)), 2.0)
+        frames = data.render([turned], torch.tensor([0.0, 0.2]), 64)[0]
+        masks = [data.object_mask(frames[:, t], "red") for t in range(2)]
+        sign = math.copysign(1.0, obj.spin)
+        fits = {f: _turned_fit(*masks, sign * 0.4 * f) for f in (0.5, 1.0, 2.0)}
+        assert fits[1.0] > 0.85 and fits[1.0] > max(fits[0.5], fits[2.0]) + 0.03, (shape, obj.spin, fits)
+
+
 def test_twin_pairs_lead_the_batch_with_the_same_noise_and_sigmas(tmp_path, monkeypatch):
     """dit_twins: the batch's first clips come in pairs (a clip, then its data.reshaped twin), and each pair is
     noised with the same noise at the same sigmas, in the loss and in the self-context pass; the other clips
@@ -1332,10 +1364,10 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
                   "--dit-openings", "3", "--dit-patch", "1", "--dit-layers", "1", "--dit-heads", "3",
                   "--dit-head-dim", "12", "--dit-ffn", "40", "--dit-lr", "0.002", "--opening-sigma-floor", "0.6",
                   "--opening-swap", "--clip-swap", "--dit-cooldown", "0.25", "--export-dtype", "float16",
-                  "--dit-rotating", "0.4", "--one-way-spin")
+                  "--dit-rotating", "0.4", "--one-way-spin", "--spin-speed", "1.75")
     assert r.returncode == 0, r.stderr
     sketch = json.loads((out / "model" / "model_index.json").read_text())["sketch"]
-    assert sketch["upright"] is True and sketch["one_way_spin"] is True
+    assert sketch["upright"] is True and sketch["one_way_spin"] is True and sketch["spin_speed"] == 1.75
     assert sketch["shift"] == 1.0 and sketch["sampler"] == "renoise"
     assert sketch["schedule"] == [1000.0, 900.0, 700.0, 300.0] and sketch["object_scale"] == 1.5
     state = json.loads((Trainer.latest(out) / "state.json").read_text())
@@ -1348,6 +1380,7 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
     assert state["config"]["opening_swap"] is True and state["config"]["clip_swap"] is True
     assert state["config"]["dit_cooldown"] == 0.25 and state["config"]["export_dtype"] == "float16"
     assert state["config"]["dit_rotating"] == 0.4 and state["config"]["one_way_spin"] is True
+    assert state["config"]["spin_speed"] == 1.75
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))

@@ -224,12 +224,21 @@ def one_way(spec: ClipSpec) -> ClipSpec:
     return replace(spec, instances=tuple(replace(inst, spin=abs(inst.spin)) for inst in spec.instances))
 
 
+def steady(spec: ClipSpec, speed: float) -> ClipSpec:
+    """The same clip with every rotating object turning at `speed` radians a second, each its own way round.
+    Left to a drawn speed, a later chunk must read the turn rate off the chunks before it to carry the
+    outline on; a model that does not predicts the mean over the speeds, which rounds the outline more with
+    every frame (README: "Fourteenth run")."""
+    return replace(spec, instances=tuple(replace(inst, spin=math.copysign(speed, inst.spin)) if inst.spin else inst
+                                         for inst in spec.instances))
+
+
 def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs: int, twin_key: list,
-               rotating: float = 0.0, one_way_spin: bool = False) -> list:
+               rotating: float = 0.0, one_way_spin: bool = False, spin_speed: float = 0.0) -> list:
     """A training step's clips: the specs of seeds base .. base + count - 1, each with probability `rotating`
     made to rotate (`spun`), then the first `pairs` odd ones redrawn as their even neighbour in another shape
-    (`reshaped`; both from rngs of `twin_key`), and with `one_way_spin` every rotating object turned
-    clockwise (`one_way`). A pure function of its arguments, so a worker process may draw a step's specs
+    (`reshaped`; both from rngs of `twin_key`), with `one_way_spin` every rotating object turned clockwise
+    (`one_way`), and with a `spin_speed` every one turned at that speed (`steady`). A pure function of its arguments, so a worker process may draw a step's specs
     ahead of it (train.SpecPrefetch)."""
     specs = [sample(base + j, object_scale, upright) for j in range(count)]
     if rotating:
@@ -238,7 +247,9 @@ def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs:
     shapes = np.random.default_rng(twin_key)
     for k in range(pairs):
         specs[2 * k + 1] = reshaped(specs[2 * k], shapes)
-    return [one_way(s) for s in specs] if one_way_spin else specs
+    if one_way_spin:
+        specs = [one_way(s) for s in specs]
+    return [steady(s, spin_speed) for s in specs] if spin_speed else specs
 
 
 # -- captions back to attributes ------------------------------------------------------------------------

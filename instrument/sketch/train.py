@@ -127,6 +127,12 @@ class Config:
     # 320 frames (frames 1 to 8) as drawn, 269 in the mean of 16 speeds one way round, 115 in the mean of both
     # ways, and the shipped model's stream 87 (README: "Which way it turns"). False: either way, as drawn.
     one_way_spin: bool = False
+    # Every rotating object of the DiT's clips turns at this many radians a second (data.steady) instead of
+    # a speed drawn from 1 to 2.5. A one-way model draws the first chunk's rotating outline (frames 1 to 8
+    # read right in 291 of 480 against the two-way model's 150) and rounds it over the next chunks (107 of
+    # 720 in frames 9 to 20), as the mean over the speeds the chunks before allow would (README:
+    # "Fourteenth run"). 0: as drawn.
+    spin_speed: float = 0.0
     # Openings per DiT step, besides the dit_batch full clips: other clips' first chunk alone, noised, with
     # no context, as a stream's first chunk is drawn: from the words alone. It is the one chunk that must
     # draw an object's shape from its shape word (every later chunk can copy it from its context), and the
@@ -223,6 +229,7 @@ class Config:
         obj.setdefault("dit_twins", 0.0)
         obj.setdefault("dit_rotating", 0.0)
         obj.setdefault("one_way_spin", False)
+        obj.setdefault("spin_speed", 0.0)
         obj.setdefault("dit_openings", 0)
         obj.setdefault("opening_sigma_floor", 0.0)
         obj.setdefault("opening_swap", False)
@@ -500,7 +507,7 @@ class Trainer:
         """data.step_specs' arguments for a DiT step's clips (stage 2: its full clips, 4: its openings)."""
         cfg = self.cfg
         return (self._seed_base(stage, step, count), count, cfg.object_scale, cfg.upright, self.twin_pairs(count),
-                [cfg.seed, twin_stage, step], cfg.dit_rotating, cfg.one_way_spin)
+                [cfg.seed, twin_stage, step], cfg.dit_rotating, cfg.one_way_spin, cfg.spin_speed)
 
     def _step_specs(self, stage: int, twin_stage: int, step: int, count: int) -> list:
         """A DiT step's clip specs, twin pairs leading; drawn ahead by the prefetching worker when one runs
@@ -954,7 +961,8 @@ class Trainer:
                        "sink": self.cfg.sink, "window": self.cfg.window, "text_len": self.cfg.text_len,
                        "shift": self.cfg.shift, "sampler": self.cfg.sampler,
                        "schedule": list(self.cfg.schedule), "object_scale": self.cfg.object_scale,
-                       "upright": self.cfg.upright, "one_way_spin": self.cfg.one_way_spin, "weights": weights,
+                       "upright": self.cfg.upright, "one_way_spin": self.cfg.one_way_spin,
+                       "spin_speed": self.cfg.spin_speed, "weights": weights,
                        # milliseconds: a run of a few tiny steps (the tests') still records that it took time
                        "steps": self.steps, "elapsed": {k: round(v, 3) for k, v in self.elapsed.items()}},
         }, indent=1))
@@ -1095,6 +1103,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-way-spin", action="store_true",
                         help="a new run's rotating objects (DiT clips) all turn clockwise, so that \"rotating\" "
                              "names one motion (default: either way, at random), written to model_index.json")
+    parser.add_argument("--spin-speed", type=float, default=None, metavar="RAD_S",
+                        help="a new run's rotating objects (DiT clips) all turn at this many radians a second "
+                             "(default: 1 to 2.5, at random), written to model_index.json")
     parser.add_argument("--dit-sink-weight", type=float, default=None,
                         help="a new run's DiT loss weight on the first chunk, drawn from the words alone, against a "
                              "later chunk's (default 1)")
@@ -1226,6 +1237,11 @@ def run(args) -> int:
             cfg.upright = True
         if args.one_way_spin:
             cfg.one_way_spin = True
+        if args.spin_speed is not None:
+            if not 0 < args.spin_speed <= 10:
+                raise UserError(f"--spin-speed {args.spin_speed}: give radians a second in (0, 10] (the clips draw "
+                                "1 to 2.5)")
+            cfg.spin_speed = args.spin_speed
         if args.opening_swap:
             if not (cfg.dit_twins and cfg.dit_openings):
                 raise UserError("--opening-swap exchanges the outlines of twin-pair openings: give --dit-twins and "
