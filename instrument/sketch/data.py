@@ -225,10 +225,9 @@ def one_way(spec: ClipSpec) -> ClipSpec:
 
 
 def steady(spec: ClipSpec, speed: float) -> ClipSpec:
-    """The same clip with every rotating object turning at `speed` radians a second, each its own way round.
-    Left to a drawn speed, a later chunk must read the turn rate off the chunks before it to carry the
-    outline on; a model that does not predicts the mean over the speeds, which rounds the outline more with
-    every frame (README: "Fourteenth run")."""
+    """The same clip with every rotating object turning at `speed` radians a second, each its own way round:
+    at a drawn speed, a later chunk must read the turn rate off the chunks before it to carry a turning
+    outline on (train --spin-speed; README: "Fourteenth run")."""
     return replace(spec, instances=tuple(replace(inst, spin=math.copysign(speed, inst.spin)) if inst.spin else inst
                                          for inst in spec.instances))
 

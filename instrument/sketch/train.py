@@ -128,10 +128,10 @@ class Config:
     # ways, and the shipped model's stream 87 (README: "Which way it turns"). False: either way, as drawn.
     one_way_spin: bool = False
     # Every rotating object of the DiT's clips turns at this many radians a second (data.steady) instead of
-    # a speed drawn from 1 to 2.5. A one-way model draws the first chunk's rotating outline (frames 1 to 8
-    # read right in 291 of 480 against the two-way model's 150) and rounds it over the next chunks (107 of
-    # 720 in frames 9 to 20), as the mean over the speeds the chunks before allow would (README:
-    # "Fourteenth run"). 0: as drawn.
+    # a speed drawn from 1 to 2.5, so that a later chunk need not read the turn rate off the chunks before
+    # it. The one-way fourteenth run draws the first chunk's rotating outline and rounds it in the later
+    # chunks; a 630-step CPU A/B at one speed rounded them as the control did (README: "Fourteenth run"),
+    # so the speeds' spread is not shown to be the cause. 0: as drawn.
     spin_speed: float = 0.0
     # Openings per DiT step, besides the dit_batch full clips: other clips' first chunk alone, noised, with
     # no context, as a stream's first chunk is drawn: from the words alone. It is the one chunk that must
