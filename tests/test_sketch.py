@@ -1461,7 +1461,9 @@ def test_a_new_run_takes_its_shift_sampler_and_schedule_from_the_command_line(tm
             ("fewer", "--dit-openings", "-2", "--dit-openings -2: a count of clips, 0 or more"),
             ("floor", "--opening-sigma-floor", "1", "--opening-sigma-floor 1: a sigma, 0 or more and under 1"),
             ("swap", "--opening-swap", "--dit-openings=4", "--opening-swap exchanges the outlines of twin-pair"),
-            ("clips", "--clip-swap", "--dit-openings=4", "--clip-swap exchanges the outlines of twin-pair clips")):
+            ("clips", "--clip-swap", "--dit-openings=4", "--clip-swap exchanges the outlines of twin-pair clips"),
+            ("still", "--spin-speed", "0", "--spin-speed 0.0: give radians a second in (0, 10]"),
+            ("nan", "--spin-speed", "nan", "--spin-speed nan: give radians a second in (0, 10]")):
         refused = main_here(train.main, "--out", str(tmp_path / name),
                             "--config", "tiny", "--codec-steps", "1", "--dit-steps", "1", option, value)
         assert refused.returncode == 2 and message in refused.stderr, (option, refused.stderr)

@@ -237,8 +237,8 @@ def step_specs(base: int, count: int, object_scale: float, upright: bool, pairs:
     """A training step's clips: the specs of seeds base .. base + count - 1, each with probability `rotating`
     made to rotate (`spun`), then the first `pairs` odd ones redrawn as their even neighbour in another shape
     (`reshaped`; both from rngs of `twin_key`), with `one_way_spin` every rotating object turned clockwise
-    (`one_way`), and with a `spin_speed` every one turned at that speed (`steady`). A pure function of its arguments, so a worker process may draw a step's specs
-    ahead of it (train.SpecPrefetch)."""
+    (`one_way`), and with a `spin_speed` every one turned at that speed (`steady`). A pure function of its
+    arguments, so a worker process may draw a step's specs ahead of it (train.SpecPrefetch)."""
     specs = [sample(base + j, object_scale, upright) for j in range(count)]
     if rotating:
         spins = np.random.default_rng([*twin_key, 1])  # a stream of its own: the twins' draws stay as they were
