@@ -36,10 +36,8 @@ for item in args.models:
     name, folder = item.split("=", 1)
     engine = Engine.load(folder, device="cpu")
     codec = engine.components.vae
-    speed = float((engine.components.sampling or {}).get("spin_speed", 0.0) or 0.0)
-    if not speed:  # the sampling dict holds what model_index.json's "sketch" names; read it there if absent
-        index = json.load(open(f"{folder}/model_index.json"))["sketch"]
-        speed = float(index.get("spin_speed", 0.0))
+    # the engine's components carry no training settings but the sampling ones: read the folder's own record
+    speed = float(json.load(open(f"{folder}/model_index.json"))["sketch"].get("spin_speed", 0.0))
     rng = np.random.default_rng(7)
     specs = []
     for s in single_object_specs(SPLITS["validation"] + 10**6, 4 * args.clips, engine.components.object_scale,
