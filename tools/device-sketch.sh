@@ -37,7 +37,19 @@ mkdir -p "$RUN/evals"
 log=$RUN/train.log
 case ${COMPILE:-0} in 0) compile= ;; 1) compile=--compile ;; *) compile="--compile $COMPILE" ;; esac
 
-training() { pgrep -f "instrument.sketch.train --out $RUN --minutes" >/dev/null; }
+# The trainer is found by the process id it writes at start and more, not by a pattern: pgrep -f also matches any
+# shell whose command line holds the pattern, such as a device call that waits on the trainer, and stop's pkill
+# then killed that call before it could pack the model (the fifteenth run's second part).
+launch() {  # the trainer in its own session; the bash that writes the id execs it, so the id is the trainer's
+  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$RUN/trainer.pid" python3 -m instrument.sketch.train "$@" \
+    </dev/null &
+}
+trainer_pid() {
+  local pid
+  pid=$(cat "$RUN/trainer.pid" 2>/dev/null) && grep -qa instrument.sketch.train "/proc/$pid/cmdline" 2>/dev/null \
+    && echo "$pid"
+}
+training() { trainer_pid >/dev/null; }
 
 # Each checkpoint is measured under several 4-step schedules (the model trains on uniform sigmas too, so
 # any of them may serve best): NAME=T1,T2,T3,T4@SHIFT, or NAME=native for the schedule the run trained with.
@@ -103,8 +115,8 @@ evaluate)
 start)
   minutes=${2:?minutes}
   [ -e "$log" ] && { echo "$RUN already holds a run"; exit 1; }
-  setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --config "$CONFIG" --checkpoint-every ${CHECKPOINT_EVERY:-1500} $compile ${TRAIN_ARGS:-} >"$log" 2>&1 </dev/null &
+  launch --out "$RUN" --minutes "$minutes" --device "$DEVICE" --config "$CONFIG" \
+    --checkpoint-every ${CHECKPOINT_EVERY:-1500} $compile ${TRAIN_ARGS:-} >"$log" 2>&1
   sleep 5; cat "$log"; report
   ;;
 more)
@@ -112,8 +124,8 @@ more)
   training && { echo "still training: finish first"; exit 1; }
   [ -e "$RUN/checkpoints/latest" ] || { echo "$RUN holds no run to go on with"; exit 1; }
   echo "--- more: resumed with a budget of $minutes minutes" >>"$log"
-  setsid nohup python3 -m instrument.sketch.train --out "$RUN" --minutes "$minutes" --device "$DEVICE" \
-    --checkpoint-every ${CHECKPOINT_EVERY:-1500} $compile --resume >>"$log" 2>&1 </dev/null &
+  launch --out "$RUN" --minutes "$minutes" --device "$DEVICE" --checkpoint-every ${CHECKPOINT_EVERY:-1500} \
+    $compile --resume >>"$log" 2>&1
   sleep 5; tail -n 3 "$log"; report
   ;;
 watch)
@@ -128,8 +140,7 @@ watch)
   tail -n +$((shown + 1)) "$log"; report
   ;;
 stop)
-  # the pattern is not in this script's command line, nor in the device call's that runs it
-  pkill -TERM -f "instrument.sketch.train --out $RUN --minutes"
+  pid=$(trainer_pid) && kill -TERM "$pid"
   while training; do sleep 2; done
   tail -n 3 "$log"; report
   ;;
