@@ -758,6 +758,16 @@ def test_a_run_whose_machine_was_lost_goes_on_from_its_exported_model(tmp_path, 
     assert r.returncode == 0, r.stderr
     state = json.loads((Trainer.latest(tmp_path / "cli") / "state.json").read_text())
     assert state["steps"] == {"codec": 2, "dit": 6} and state["dit_since"] == 3
+    # a late phase counts its own steps: +2 from the model's 3 is step 5, and +N again on a resume goes on from there
+    r = main_here(train.main, "--out", tmp_path / "plus", "--config", "tiny", "--dit-from", folder, "--dit-steps", "+2")
+    assert r.returncode == 0 and "DiT steps: 2 more, to step 5" in r.stderr, r.stderr
+    assert json.loads((Trainer.latest(tmp_path / "plus") / "state.json").read_text())["steps"]["dit"] == 5
+    r = main_here(train.main, "--out", tmp_path / "plus", "--codec-steps", "2", "--dit-steps", "+1", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((Trainer.latest(tmp_path / "plus") / "state.json").read_text())["steps"]["dit"] == 6
+    for bad in ("-2", "+", "5.5", "six"):
+        r = main_here(train.main, "--out", tmp_path / "bad", "--config", "tiny", "--dit-from", folder, "--dit-steps", bad)
+        assert r.returncode == 2 and "for N more than the run starts from" in r.stderr and not (tmp_path / "bad").exists()
     r = main_here(train.main, "--out", tmp_path / "other", "--config", "tiny", "--dit-from", folder, "--dit-steps", "5",
                   "--upright")
     assert r.returncode == 2 and "trained with other settings: upright False (this run: True)" in r.stderr

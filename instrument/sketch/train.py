@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1057,12 +1058,23 @@ class Trainer:
         self.save_checkpoint()
 
 
+def dit_step_count(text: str) -> tuple[bool, int]:
+    """--dit-steps N (the run's total) or +N (a late phase's own steps, which a --dit-from part would otherwise
+    have to add to its model's count by hand): (relative, N)."""
+    m = re.fullmatch(r"\s*(\+?)(\d+)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a step count N, or +N for N more than the run starts from")
+    return m.group(1) == "+", int(m.group(2))
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder: checkpoints/ and model/ go here")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training time over all runs of this folder (codec gets codec_fraction of it)")
     parser.add_argument("--codec-steps", type=int, default=None, help="codec steps instead of a time budget")
-    parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps instead of a time budget")
+    parser.add_argument("--dit-steps", type=dit_step_count, default=None, metavar="N|+N",
+                        help="DiT steps instead of a time budget; +N: N more than the run starts from (its "
+                             "--resume checkpoint's or its --dit-from model's steps)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
@@ -1264,6 +1276,12 @@ def run(args) -> int:
         trainer.take_model(args.dit_from)
     elif args.codec_from:
         trainer.take_codec(args.codec_from)
+    dit_steps = None
+    if args.dit_steps is not None:
+        relative, dit_steps = args.dit_steps
+        if relative:
+            dit_steps += trainer.steps["dit"]
+            progress(f"DiT steps: {args.dit_steps[1]} more, to step {dit_steps}")
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -1272,7 +1290,7 @@ def run(args) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        trainer.run(args.minutes, args.codec_steps, args.dit_steps, args.checkpoint_every, args.log_every,
+        trainer.run(args.minutes, args.codec_steps, dit_steps, args.checkpoint_every, args.log_every,
                     stop=lambda: stopping["flag"])
     finally:
         for s, h in old.items():
