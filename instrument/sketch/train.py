@@ -1278,10 +1278,10 @@ def run(args) -> int:
         trainer.take_codec(args.codec_from)
     dit_steps = None
     if args.dit_steps is not None:
-        relative, dit_steps = args.dit_steps
+        relative, count = args.dit_steps
+        dit_steps = trainer.steps["dit"] + count if relative else count
         if relative:
-            dit_steps += trainer.steps["dit"]
-            progress(f"DiT steps: {args.dit_steps[1]} more, to step {dit_steps}")
+            progress(f"DiT steps: {count} more, to step {dit_steps}")
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
