@@ -55,7 +55,12 @@ training() { trainer_pid >/dev/null; }
 # any of them may serve best): NAME=T1,T2,T3,T4@SHIFT, or NAME=native for the schedule the run trained with.
 SCHEDULES=${SCHEDULES:-native=native s8=1000,750,500,250@8 s3=1000,750,500,250@3 late=1000,950,850,300@1}
 
-evaluating() { pgrep -f "instrument.sketch.(evaluate|train --out $RUN --export-only)" >/dev/null; }
+# The evaluation in flight is found by the process id it writes, as the trainer is: a pattern matched any run's
+# evaluations, so with two runs side by side each one's evaluations held back the other's.
+evaluating() {
+  local pid
+  pid=$(cat "$RUN/evals/evaluator.pid" 2>/dev/null) && grep -qa "$(basename "$0")" "/proc/$pid/cmdline" 2>/dev/null
+}
 
 evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure it, in its own session
   local name             # (a device call's leftover processes end with it; these run on into the next call)
@@ -66,7 +71,8 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
   touch "$RUN/evals/$name.started"
   # niced: unniced, the evaluations' 16 threads took the trainer's host thread from it (the eighth run's
   # rate swung between 3.2 and 5.3 steps a second, 50 steps at a time, with the evaluations coming and going)
-  setsid nohup nice -n 19 bash "$0" evaluate "$name" </dev/null >/dev/null 2>&1 &
+  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$RUN/evals/evaluator.pid" nice -n 19 bash "$0" evaluate "$name" \
+    </dev/null >/dev/null 2>&1 &
 }
 
 report() {
