@@ -40,15 +40,16 @@ case ${COMPILE:-0} in 0) compile= ;; 1) compile=--compile ;; *) compile="--compi
 # The trainer is found by the process id it writes at start and more, not by a pattern: pgrep -f also matches any
 # shell whose command line holds the pattern, such as a device call that waits on the trainer, and stop's pkill
 # then killed that call before it could pack the model (the fifteenth run's second part).
-launch() {  # the trainer in its own session; the bash that writes the id execs it, so the id is the trainer's
-  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$RUN/trainer.pid" python3 -m instrument.sketch.train "$@" \
-    </dev/null &
+spawn() {  # spawn PIDFILE COMMAND...: in its own session; the bash that writes the id execs it, so the id is COMMAND's
+  local pidfile=$1; shift
+  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" </dev/null &
 }
-trainer_pid() {
+alive() {  # alive PIDFILE WORD: the id in PIDFILE, while that process still runs with WORD in its command line
   local pid
-  pid=$(cat "$RUN/trainer.pid" 2>/dev/null) && grep -qa instrument.sketch.train "/proc/$pid/cmdline" 2>/dev/null \
-    && echo "$pid"
+  pid=$(cat "$1" 2>/dev/null) && grep -qa "$2" "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
 }
+launch() { spawn "$RUN/trainer.pid" python3 -m instrument.sketch.train "$@"; }
+trainer_pid() { alive "$RUN/trainer.pid" instrument.sketch.train; }
 training() { trainer_pid >/dev/null; }
 
 # Each checkpoint is measured under several 4-step schedules (the model trains on uniform sigmas too, so
@@ -57,10 +58,7 @@ SCHEDULES=${SCHEDULES:-native=native s8=1000,750,500,250@8 s3=1000,750,500,250@3
 
 # The evaluation in flight is found by the process id it writes, as the trainer is: a pattern matched any run's
 # evaluations, so with two runs side by side each one's evaluations held back the other's.
-evaluating() {
-  local pid
-  pid=$(cat "$RUN/evals/evaluator.pid" 2>/dev/null) && grep -qa "$(basename "$0")" "/proc/$pid/cmdline" 2>/dev/null
-}
+evaluating() { alive "$RUN/evals/evaluator.pid" "$(basename "$0")" >/dev/null; }
 
 evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure it, in its own session
   local name             # (a device call's leftover processes end with it; these run on into the next call)
@@ -71,8 +69,7 @@ evaluate_latest() {  # export the newest DiT checkpoint on the CPU and measure i
   touch "$RUN/evals/$name.started"
   # niced: unniced, the evaluations' 16 threads took the trainer's host thread from it (the eighth run's
   # rate swung between 3.2 and 5.3 steps a second, 50 steps at a time, with the evaluations coming and going)
-  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$RUN/evals/evaluator.pid" nice -n 19 bash "$0" evaluate "$name" \
-    </dev/null >/dev/null 2>&1 &
+  spawn "$RUN/evals/evaluator.pid" nice -n 19 bash "$0" evaluate "$name" >/dev/null 2>&1
 }
 
 report() {
