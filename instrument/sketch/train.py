@@ -450,7 +450,7 @@ class Trainer:
         for blk in self.transformer.blocks:
             blk.attn1.set_processor(self.processor)
         if compile:
-            self._compile_blocks(None if compile is True else compile)
+            self._compile_modules(None if compile is True else compile)
         self.prefetch = SpecPrefetch() if prefetch else None  # closed at the end of run
         self.ema = {k: v.detach().clone() for k, v in self._dit_params().items()}
         fused = self.device.type == "cuda"  # one kernel per step for all parameters, rather than a few per tensor
@@ -471,14 +471,18 @@ class Trainer:
 
     COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
-    def _compile_blocks(self, mode: str | None = None) -> None:
-        """torch.compile each DiT block in place (parameter names unchanged, so checkpoints and exports are the
-        same): at width 192 a block's time goes to its many small elementwise kernels (modulation, float32 norms,
-        rotary), which inductor fuses. The same math: a compiled run resumes an uncompiled one and back.
-        `mode` is torch.compile's. Not "reduce-overhead": the blocks share one compiled graph, and with CUDA
-        graphs each block's replay overwrites the output of the block before it while the step still needs it
-        (torch raised "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" on
-        the H200, 2026-12-03, at the first step)."""
+    def _compile_modules(self, mode: str | None = None) -> None:
+        """torch.compile each DiT block, the DiT's condition embedder and the text encoder in place (parameter
+        names unchanged, so checkpoints and exports are the same): at width 192 a block's time goes to its many
+        small elementwise kernels (modulation, float32 norms, rotary), which inductor fuses. The step is bound
+        by the host's kernel launches (4,715 a step with the blocks alone compiled on the H200, the GPU busy 57%
+        of it: BENCHMARKS, "Where a training step's host time goes"), and the text encoder (two umT5 layers, each
+        computing its own relative position bias, run for both batches with their gradients) and the condition
+        embedder (sinusoids and three small MLPs) ran eagerly, op by op. The same math: a compiled run resumes
+        an uncompiled one and back. `mode` is torch.compile's. Not "reduce-overhead": the blocks share one
+        compiled graph, and with CUDA graphs each block's replay overwrites the output of the block before it
+        while the step still needs it (torch raised "accessing tensor output of CUDAGraphs that has been
+        overwritten by a subsequent run" on the H200, 2026-12-03, at the first step)."""
         if mode == "reduce-overhead":
             raise UserError("--compile reduce-overhead: its CUDA graphs fail in training (the DiT's blocks share "
                             "one graph, whose replays overwrite each other's outputs before the backward pass "
@@ -490,10 +494,10 @@ class Trainer:
         # One graph per kind of forward (full clips with their mask, openings unmasked, the no-grad context
         # pass), shared by the blocks; the limit leaves room should a torch version specialise per block.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for blk in self.transformer.blocks:
-            blk.compile(dynamic=False, mode=mode)
-        self.progress(f"DiT blocks compiled (torch.compile, mode {mode or 'default'}; the first steps of each kind "
-                      "of forward build them)")
+        for module in [*self.transformer.blocks, self.transformer.condition_embedder, self.text_encoder]:
+            module.compile(dynamic=False, mode=mode)
+        self.progress(f"DiT blocks, condition embedder and text encoder compiled (torch.compile, mode "
+                      f"{mode or 'default'}; the first steps of each kind of forward build them)")
 
     # -- batches: a function of (seed, stage, step) only --------------------------------------------------
     def _seed_base(self, stage: int, step: int, count: int) -> int:
