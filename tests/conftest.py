@@ -1,5 +1,7 @@
+import contextlib
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +17,28 @@ def need_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but not installed (.ci/run installs it)")
         pytest.skip(f"{name} not installed")
     return path
+
+
+@contextlib.contextmanager
+def xvfb_display():
+    """A private Xvfb server (Debian xvfb) for the real-window tests; yields its display name (":N")."""
+    need_tool("Xvfb")
+    read_fd, write_fd = os.pipe()
+    # -displayfd picks a free display number and writes it back: no races with other servers
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x720x24",
+                             "-nolisten", "tcp"], pass_fds=(write_fd,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        number = f.readline().strip()
+    if not number:
+        proc.kill()
+        pytest.fail("Xvfb did not start")
+    try:
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """A private JACK server (dummy driver) and a MIDI sender in another process, for MIDI tests.
 
-Import the fixtures into a test module:  from jack_fixture import jack_server, MidiSender
+In a test module:  pytest_plugins = ["jack_fixture"] (the jack_server fixture), from jack_fixture import MidiSender
 """
 
 from __future__ import annotations

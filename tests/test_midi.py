@@ -11,7 +11,11 @@ import pytest
 from instrument.control.mapping import Mapping, Router
 from instrument.control.midi import MidiInput
 from instrument.params import ParamSpace, ParamSpec
-from jack_fixture import MidiSender, jack_server  # noqa: F401  (fixture)
+from jack_fixture import MidiSender
+
+# the jack_server fixture, registered as a plugin rather than imported (an import the tests only name as an
+# argument reads as unused)
+pytest_plugins = ["jack_fixture"]
 
 pytestmark = pytest.mark.jack
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import need_tool
+from conftest import need_tool, xvfb_display
 from pythonosc.udp_client import SimpleUDPClient
 
 from instrument.bends.patch import load_patch
@@ -200,21 +200,9 @@ def test_play_headless_over_osc(patch_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def xdisplay():
-    need_tool("Xvfb")
     need_tool("xdotool")
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x720x24",
-                             "-nolisten", "tcp"], pass_fds=(write_fd,),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        number = f.readline().strip()
-    if not number:
-        proc.kill()
-        pytest.fail("Xvfb did not start")
-    yield f":{number}"
-    proc.terminate()
-    proc.wait(10)
+    with xvfb_display() as display:
+        yield display
 
 
 def test_play_in_a_window_with_keys(patch_dir, tmp_path, xdisplay):

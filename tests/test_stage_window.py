@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import need_tool
+from conftest import need_tool, xvfb_display
 
 from instrument.params import ParamSpace, ParamSpec
 from instrument.stage.hud import Hud
@@ -89,25 +89,12 @@ def test_fit_rect_letterbox_and_pillarbox():
 # -- a real window under Xvfb --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def xdisplay():
-    need_tool("Xvfb")  # Debian xvfb
-    read_fd, write_fd = os.pipe()
-    # -displayfd picks a free display number and writes it back: no races with other servers
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x720x24",
-                             "-nolisten", "tcp"], pass_fds=(write_fd,),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        number = f.readline().strip()
-    if not number:
-        proc.kill()
-        pytest.fail("Xvfb did not start")
-    old = os.environ.get("DISPLAY")
-    os.environ["DISPLAY"] = f":{number}"
-    from instrument.stage import window as stage_window
-    stage_window.configure(headless=False)
-    yield f":{number}"
-    proc.terminate()
-    proc.wait(10)
+    with xvfb_display() as display:
+        old = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = display
+        from instrument.stage import window as stage_window
+        stage_window.configure(headless=False)
+        yield display
     if old is None:
         os.environ.pop("DISPLAY", None)
     else:
