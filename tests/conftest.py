@@ -8,6 +8,10 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# test_midi imports MidiSender from jack_fixture and registers the module as a plugin for its fixture: its
+# asserts are rewritten only if pytest knows it before that first import
+pytest.register_assert_rewrite("jack_fixture")
+
 
 def need_tool(name: str) -> str:
     """A tool's path. Skip when it is missing on a developer's machine; in CI (CI set) that is a failure."""
