@@ -1713,3 +1713,31 @@ def test_shape_denoising_reads_the_models_clean_prediction_at_each_sigma():
         video = to_uint8_frames(codec.decode(x0).float())
     want = data.majority([reader.read_mask(data.object_mask(f, spec.instances[0].colour)) for f in data.frames_of(video)])
     assert r["rows"][0]["own"][1] == want
+
+
+def test_step_times_profile_reports_every_part_of_the_step(tmp_path):
+    """tools/sketch-step-times.py --profile, as run on the GPU machine (there the launches are counted; on a CPU,
+    the operators dispatched): a row for each part of the DiT step, whose host times add up within the whole
+    step's, and work counted in each; the timing row itself still printed as JSON. A real run of the tool at the
+    smallest batch (one full clip, two openings, twin pairs with both swaps)."""
+    report = tmp_path / "profile.txt"
+    out = tmp_path / "times.json"
+    proc = subprocess.run([sys.executable, "tools/sketch-step-times.py", "--device", "cpu", "--dit-batches", "2",
+                           "--dit-openings", "2", "--dit-twins", "1", "--codec-batches=", "--steps", "1",
+                           "--warmup", "1", "--profile", str(report), "--profile-steps", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["step_ms"] > 0 and "profile" not in rows[0]
+    text = report.read_text()
+    parts = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0] in ("dit_batch", "opening_batch", "dit_loss", "opening_loss", "_step", "step"):
+            parts[words[0]] = (float(words[1]), float(words[-1]))  # host ms, operators dispatched
+    assert set(parts) == {"dit_batch", "opening_batch", "dit_loss", "opening_loss", "_step", "step"}, text[:800]
+    inner = sum(host for name, (host, _) in parts.items() if name != "step")
+    assert 0 < inner <= parts["step"][0] * 1.001
+    assert all(ops > 0 for name, (_, ops) in parts.items() if name != "step"), parts
+    assert "operators dispatched a step" in text and "Self CPU time total" in text
