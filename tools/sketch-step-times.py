@@ -55,16 +55,19 @@ PARTS = ("dit_batch", "opening_batch", "dit_loss", "opening_loss", "_step")
 
 
 def profiled(trainer, steps: int) -> str:
-    """A text report of `steps` DiT steps under torch.profiler: per part, host ms and kernel ms a step."""
+    """A text report of `steps` DiT steps under torch.profiler: per part, host ms, GPU span ms and kernel
+    launches a step (on a CPU, operators dispatched), then the operators by host time."""
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = trainer.device.type == "cuda"  # the trainer's device, not merely whether this machine has a GPU
 
     for name in PARTS:
         def wrapped(*a, _fn=getattr(trainer, name), _name=name, **k):
             with record_function(f"part:{_name}"):
                 return _fn(*a, **k)
         setattr(trainer, name, wrapped)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -77,7 +80,6 @@ def profiled(trainer, steps: int) -> str:
     # ran it: the profiler keeps both under one name, the GPU's as a device event), and the kernels it launched:
     # a launch belongs to the innermost part whose host range holds it, whichever thread (autograd's backward
     # runs on its own) made it. On a CPU, the operators the part dispatched stand in for launches.
-    cuda = torch.cuda.is_available()
     launch_names = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"}
     ranges, launches = [], []
     for e in prof.events():
@@ -201,9 +203,10 @@ def main(argv=None) -> int:
         report = rows[-1].pop("profile")
         print(rows[-1], flush=True)
         if report:
-            print(report.split("\n\n")[0], "\n", report.split("\n\n")[1], flush=True)
+            summary, parts = report.split("\n\n")[:2]
+            print(summary, "\n", parts, flush=True)
             with open(args.profile, "a") as f:
-                f.write(f"{dict((k, v) for k, v in rows[-1].items())}\n{report}\n\n")
+                f.write(f"{rows[-1]}\n{report}\n\n")
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
