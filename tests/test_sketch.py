@@ -1486,7 +1486,7 @@ def test_the_shipped_model_follows_background_words_and_ablating_the_object_colo
     """The trained weights in the package: on fresh captions the stream's background is the captioned colour
     (100 of 100 held-out captions in the README's evaluation), and taking the object's colour word's
     cross-attention away (cross.gain 0 on its tokens) takes the object's colour away (README: 0.120 -> 0.004 of
-    the frame). The background's colour word no longer goes so in the shipped (eleventh) run's model, which
+    the frame). The background's colour word no longer goes so in the shipped model (the eleventh run and its late phase), which
     reads the background's colour from the caption's other tokens too: `evaluate`'s word ablation measures it
     (README), the models before it lost their background's colour to it. Grey is left out: it is where the
     model goes when no colour word reaches it."""
